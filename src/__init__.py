@@ -1,0 +1,1 @@
+"""lightning-transfer: transfer learning for image classification with Lightning and Hydra."""
