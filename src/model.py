@@ -40,8 +40,8 @@ def parameter_summary(module: nn.Module) -> str:
 class TransferModel(L.LightningModule):
     """Backbone -> global average pooling -> Linear(num_features, classes).
 
-    Takes uint8 RGB images (N, 3, H, W) and normalises them itself, so a checkpoint carries its
-    preprocessing. A batch of 2-D inputs is taken as precomputed pooled features (the cached path
+    Takes uint8 RGB images (N, 3, H, W), resized to `image_size` square, and normalises them
+    itself, so a checkpoint carries its preprocessing (`hparams`: classes, image_size, backbone). A batch of 2-D inputs is taken as precomputed pooled features (the cached path
     of a frozen backbone) and goes to the head alone.
     """
 
@@ -49,6 +49,7 @@ class TransferModel(L.LightningModule):
         self,
         backbone: dict[str, Any],
         classes: list[str],
+        image_size: int = 160,
         freeze: bool = True,
         optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
     ) -> None:

@@ -61,6 +61,7 @@ def train(cfg: DictConfig) -> float:
     model = TransferModel(
         backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
         classes=data.classes,
+        image_size=cfg.image_size,
         freeze=cfg.freeze,
         optimizer=instantiate(cfg.optimizer),
     )
