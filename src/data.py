@@ -154,10 +154,13 @@ class ImageFolderData(L.LightningDataModule):
             self.datasets[name] = TensorDataset(features[name], torch.tensor(split.labels))
 
     def _loader(self, name: str, shuffle: bool = False) -> DataLoader:
+        dataset = self.datasets[name]
         return DataLoader(
-            self.datasets[name],
+            dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            # a last training batch of one image would break BatchNorm in a training backbone
+            drop_last=shuffle and len(dataset) % self.batch_size == 1,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

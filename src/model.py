@@ -79,11 +79,16 @@ class TransferModel(L.LightningModule):
         self.backbone_frozen = True
 
     def train(self, mode: bool = True) -> "TransferModel":
-        """Keep a frozen backbone in eval mode: the Trainer calls `.train()` every epoch."""
+        """Set training mode, keeping a frozen backbone (BatchNorm, Dropout) in eval mode."""
         super().train(mode)
         if self.backbone_frozen:
             self.backbone.eval()
         return self
+
+    def on_train_epoch_start(self) -> None:
+        """Enter training mode each epoch: Lightning 2.x restores module modes saved before an
+        evaluation instead of calling `.train()`, so a test run before `fit` would leave it in eval."""
+        self.train()
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features of uint8 (or 0-255 float) images."""

@@ -68,11 +68,11 @@ def train(cfg: DictConfig) -> float:
     print(parameter_summary(model))
     precision = resolve_precision(cfg.precision, accelerator(cfg))
     timer = EpochTimer()
-    checkpoint = ModelCheckpoint(
-        dirpath=out / "checkpoints", filename="best", monitor="val/acc", mode="max", save_last=True
-    )
+    best = ModelCheckpoint(out / "checkpoints", "best", monitor="val/acc", mode="max")
+    # ModelCheckpoint(save_last=True) only refreshes last.ckpt when the best one improves
+    last = ModelCheckpoint(out / "checkpoints", "last", enable_version_counter=False)
     logger = instantiate(cfg.logger) if cfg.logger else False
-    callbacks = [timer, checkpoint] + ([LearningRateMonitor("epoch")] if logger else [])
+    callbacks = [timer, best, last] + ([LearningRateMonitor("epoch")] if logger else [])
     trainer: L.Trainer = instantiate(
         cfg.trainer, precision=precision, logger=logger, callbacks=callbacks
     )
@@ -94,7 +94,7 @@ def train(cfg: DictConfig) -> float:
         **after,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "total_params": sum(p.numel() for p in model.parameters()),
-        "best_epoch": int(torch.load(checkpoint.best_model_path, weights_only=False)["epoch"]),
+        "best_epoch": int(torch.load(best.best_model_path, weights_only=False)["epoch"]),
         "first_epoch_s": timer.seconds[0] if timer.seconds else None,
         "mean_epoch_s": sum(timer.seconds) / len(timer.seconds) if timer.seconds else None,
         "wall_s": time.perf_counter() - start,

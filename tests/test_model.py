@@ -1,0 +1,85 @@
+"""Parameter counts and the meaning of a frozen backbone."""
+
+from functools import partial
+
+import pytest
+import torch
+from torch import nn
+
+from src.model import TransferModel, freeze, parameter_summary, trainable_parameters
+
+CLASSES = [f"c{i}" for i in range(6)]
+
+
+def make(name: str, frozen: bool) -> TransferModel:
+    backbone = {"_target_": "src.backbones.torchvision_backbone", "name": name, "weights": None}
+    return TransferModel(
+        backbone, CLASSES, freeze=frozen, optimizer=partial(torch.optim.RMSprop, lr=1e-4)
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "frozen", "total", "trainable"),
+    [
+        ("mobilenet_v2", True, 2_231_558, 7_686),
+        ("mobilenet_v2", False, 2_231_558, 2_231_558),
+        ("vgg19", True, 20_027_462, 3_078),
+        ("vgg19", False, 20_027_462, 20_027_462),
+    ],
+)
+def test_parameter_counts_match_the_published_ones(name, frozen, total, trainable):
+    model = make(name, frozen)
+    assert sum(p.numel() for p in model.parameters()) == total
+    assert sum(p.numel() for p in trainable_parameters(model)) == trainable
+    assert parameter_summary(model).splitlines() == [
+        f"Total params: {total:,}",
+        f"Trainable params: {trainable:,}",
+        f"Non-trainable params: {total - trainable:,}",
+    ]
+
+
+def test_freeze_stops_gradients_and_sets_eval_mode():
+    module = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout())
+    freeze(module)
+    assert all(not p.requires_grad for p in module.parameters())
+    assert not module.training and not module[1].training and not module[2].training
+
+
+def test_frozen_backbone_stays_in_eval_mode_when_the_trainer_calls_train():
+    model = make("mobilenet_v2", frozen=True)
+    model.train()
+    assert model.training and model.head.training
+    batchnorms = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert batchnorms and not any(m.training for m in batchnorms)
+    assert not any(m.training for m in model.backbone.modules())
+
+
+def test_unfrozen_backbone_trains():
+    model = make("mobilenet_v2", frozen=False).train()
+    assert all(m.training for m in model.backbone.modules())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_only_head_parameters_reach_the_optimizer_when_frozen():
+    model = make("mobilenet_v2", frozen=True)
+    optimizer = model.configure_optimizers()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    assert len(optimizer.param_groups) == 1
+    assert {id(p) for p in params} == {id(model.head.weight), id(model.head.bias)}
+    assert optimizer.param_groups[0]["lr"] == 1e-4
+
+
+def test_all_parameters_reach_the_optimizer_when_unfrozen():
+    model = make("mobilenet_v2", frozen=False)
+    params = [p for g in model.configure_optimizers().param_groups for p in g["params"]]
+    assert len(params) == len(list(model.parameters()))
+
+
+def test_forward_takes_uint8_images_and_features_take_the_cached_path():
+    model = make("mobilenet_v2", frozen=True).eval()
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        logits = model(images)
+        from_features = model.head(model.features(images))
+    assert logits.shape == (2, 6)
+    torch.testing.assert_close(logits, from_features)
