@@ -65,6 +65,7 @@ def stratified_split(split: Split, fraction: float, seed: int) -> tuple[Split, S
 def decode(path: Path, size: int) -> torch.Tensor:
     """An image file as a (3, size, size) uint8 RGB tensor, EXIF-rotated and resized (no crop)."""
     with Image.open(path) as image:
+        image.draft("RGB", (size, size))  # JPEG: decode at the smallest DCT scale >= size
         image = ImageOps.exif_transpose(image)
         if image.mode in {"I;16", "I;16B", "I;16L", "I"}:  # 16-bit grayscale: scale to 8 bits
             image = image.point(lambda v: v / 256).convert("L")

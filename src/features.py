@@ -28,6 +28,7 @@ def cache_key(backbone: dict[str, Any], data: ImageFolderData, precision: str) -
             (weights, Path(weights).stat().st_size, Path(weights).stat().st_mtime_ns)
         ]
     key = {
+        "format": 1,  # bump when decoding or extraction changes
         "backbone": backbone,
         "image_size": data.image_size,
         "precision": precision,

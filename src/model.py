@@ -41,8 +41,9 @@ class TransferModel(L.LightningModule):
     """Backbone -> global average pooling -> Linear(num_features, classes).
 
     Takes uint8 RGB images (N, 3, H, W), resized to `image_size` square, and normalises them
-    itself, so a checkpoint carries its preprocessing (`hparams`: classes, image_size, backbone). A batch of 2-D inputs is taken as precomputed pooled features (the cached path
-    of a frozen backbone) and goes to the head alone.
+    itself, so a checkpoint carries its preprocessing (hparams: classes, image_size, backbone).
+    A batch of 2-D inputs is taken as precomputed pooled features (the cached path of a frozen
+    backbone) and goes to the head alone.
     """
 
     def __init__(
@@ -86,8 +87,11 @@ class TransferModel(L.LightningModule):
         return self
 
     def on_train_epoch_start(self) -> None:
-        """Enter training mode each epoch: Lightning 2.x restores module modes saved before an
-        evaluation instead of calling `.train()`, so a test run before `fit` would leave it in eval."""
+        """Enter training mode each epoch.
+
+        Lightning 2.x restores the module modes it saw before an evaluation instead of calling
+        `.train()`, so the test run before `fit` would otherwise leave the model in eval mode.
+        """
         self.train()
 
     def features(self, images: torch.Tensor) -> torch.Tensor:

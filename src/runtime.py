@@ -2,7 +2,9 @@
 
 import ctypes
 import ctypes.util
+import logging
 import sys
+import warnings
 
 import torch
 
@@ -41,3 +43,27 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     if precision != "auto":
         return precision
     return "bf16-mixed" if bf16_supported(accelerator) else "32-true"
+
+
+class _DropLines(logging.Filter):
+    """Drops log records that start with one of `prefixes`."""
+
+    def __init__(self, *prefixes: str) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+def quiet_lightning() -> None:
+    """Silence Lightning's messages that say nothing about this program's runs."""
+    for pattern in (
+        r".*module\(s\) in eval mode",  # a frozen backbone is in eval mode by design
+        r".*multiple `ModelCheckpoint` callbacks",  # the first one is the best-by-val/acc one
+        r".*isinstance\(treespec, LeafSpec\)",
+        r".*does not have many workers",  # images are in memory: workers would only add copies
+        r".*smaller than the logging interval",
+    ):
+        warnings.filterwarnings("ignore", pattern)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropLines("💡 Tip"))

@@ -16,8 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from src.callbacks import EpochTimer
 from src.errors import exit_on_user_error
 from src.features import cached_features
-from src.model import TransferModel, parameter_summary
-from src.runtime import keep_freed_memory, resolve_precision
+from src.model import TransferModel, parameter_summary, trainable_parameters
+from src.runtime import keep_freed_memory, quiet_lightning, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
 def train(cfg: DictConfig) -> float:
     """Test, train, test again; log and checkpoint under `cfg.output_dir`; return the objective."""
     start = time.perf_counter()
+    quiet_lightning()
     L.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.output_dir)
     data = instantiate(cfg.data)
@@ -92,15 +93,15 @@ def train(cfg: DictConfig) -> float:
         **hyperparameters(cfg),
         **before,
         **after,
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "trainable_params": sum(p.numel() for p in trainable_parameters(model)),
         "total_params": sum(p.numel() for p in model.parameters()),
-        "best_epoch": int(torch.load(best.best_model_path, weights_only=False)["epoch"]),
+        "best_epoch": torch.load(best.best_model_path, mmap=True, weights_only=False)["epoch"],
         "first_epoch_s": timer.seconds[0] if timer.seconds else None,
         "mean_epoch_s": sum(timer.seconds) / len(timer.seconds) if timer.seconds else None,
         "wall_s": time.perf_counter() - start,
     }
     if logger:
-        logger.log_hyperparams(hyperparameters(cfg), {k: after[k] for k in after} | before)
+        logger.log_hyperparams(hyperparameters(cfg), after | before)
     (out / "result.json").write_text(json.dumps(result, indent=2))
     print(
         f"RESULT backbone={cfg.backbone.name} freeze={bool(cfg.freeze)} "

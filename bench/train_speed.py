@@ -1,0 +1,222 @@
+"""Training speed at the published experiment's shape, in one process.
+
+1,494 images at 160 px (1,344 train, 150 test), batch 32, random weights, for MobileNetV2 and
+VGG19: the plain frozen loop (fp32, default memory format and allocator, backbone recomputed every
+epoch), this project's cached frozen run for 50 epochs (feature extraction included, Lightning
+Trainer), and full fine-tune steps. Prints a table and writes it to bench/RESULTS.md.
+
+    python bench/train_speed.py [--epochs 50] [--backbones mobilenet_v2 vgg19]
+"""
+
+import argparse
+import os
+import platform
+import resource
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from torch import nn
+from torch.utils.data import TensorDataset
+from torch.utils.flop_counter import FlopCounterMode
+
+from src.data import decode_all
+from src.features import extract
+from src.model import TransferModel
+from src.runtime import bf16_supported, keep_freed_memory
+
+N_TRAIN, N_TEST, SIZE, BATCH, CLASSES = 1344, 150, 160, 32, 6
+
+
+def rate(step, images_per_call: int, calls: int, warmup: int = 2) -> float:
+    """Images per second of `step()` over `calls` timed calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(calls):
+        step()
+    return images_per_call * calls / (time.perf_counter() - start)
+
+
+def plain_epoch_seconds(name: str, calls: int) -> float:
+    """Seconds per epoch of a plain frozen loop: fp32, NCHW, backbone run on every batch."""
+    backbone = torchvision.models.get_model(name, weights=None).features
+    backbone.eval().requires_grad_(False)
+    num_features = backbone(torch.zeros(1, 3, 64, 64)).shape[1]
+    head = nn.Linear(num_features, CLASSES)
+    optimizer = torch.optim.RMSprop(head.parameters(), lr=1e-4)
+    x = torch.randn(BATCH, 3, SIZE, SIZE)
+    y = torch.randint(0, CLASSES, (BATCH,))
+
+    def train_step() -> None:
+        logits = head(F.adaptive_avg_pool2d(backbone(x), 1).flatten(1))
+        optimizer.zero_grad()
+        F.cross_entropy(logits, y).backward()
+        optimizer.step()
+
+    def eval_step() -> None:
+        with torch.no_grad():
+            head(F.adaptive_avg_pool2d(backbone(x), 1).flatten(1))
+
+    return N_TRAIN / rate(train_step, BATCH, calls) + N_TEST / rate(eval_step, BATCH, calls)
+
+
+def make_model(name: str, frozen: bool) -> TransferModel:
+    backbone = {"_target_": "src.backbones.torchvision_backbone", "name": name, "weights": None}
+    optimizer = partial(torch.optim.RMSprop, lr=1e-4, alpha=0.9, eps=1e-7)
+    return TransferModel(backbone, [str(c) for c in range(CLASSES)], SIZE, frozen, optimizer)
+
+
+def cached_run(name: str, images: torch.Tensor, labels: torch.Tensor, epochs: int, bf16: bool):
+    """This project's frozen path: extract features once, then a Lightning run on them."""
+    model = make_model(name, frozen=True)
+    start = time.perf_counter()
+    features = extract(model, images, torch.device("cpu"), bf16)
+    extract_s = time.perf_counter() - start
+    train = TensorDataset(features[:N_TRAIN], labels[:N_TRAIN])
+    test = TensorDataset(features[N_TRAIN:], labels[N_TRAIN:])
+    data = L.LightningDataModule.from_datasets(train, test, test, batch_size=BATCH)
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(model, data)
+    return extract_s, time.perf_counter() - start
+
+
+def finetune_rate(name: str, bf16: bool, calls: int) -> float:
+    """Images per second of full fine-tune steps (forward, backward, RMSprop) of this project."""
+    model = make_model(name, frozen=False).train()
+    optimizer = model.configure_optimizers()
+    x = torch.randint(0, 256, (BATCH, 3, SIZE, SIZE), dtype=torch.uint8)
+    y = torch.randint(0, CLASSES, (BATCH,))
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x).float(), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return rate(step, BATCH, calls)
+
+
+def forward_gflop(name: str) -> float:
+    """GFLOP of one image's backbone forward pass at SIZE px."""
+    model = make_model(name, frozen=True)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.features(torch.zeros(1, 3, SIZE, SIZE))
+    return counter.get_total_flops() / 1e9
+
+
+def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, calls: int = 10) -> float:
+    """Measured dense matmul throughput."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return rate(lambda: a @ b, 2 * n**3, calls) / 1e9
+
+
+def decode_rate(count: int = 300) -> float:
+    """Images per second of decode_all on 640x480 JPEGs, resized to SIZE."""
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for i in range(count):
+            path = Path(tmp) / f"{i}.jpg"
+            noise = torch.randint(0, 256, (480, 640, 3), dtype=torch.uint8).numpy()
+            Image.fromarray(noise).save(path, quality=90)
+            paths.append(path)
+        start = time.perf_counter()
+        decode_all(paths, SIZE)
+        return count / (time.perf_counter() - start)
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--backbones", nargs="+", default=["mobilenet_v2", "vgg19"])
+    parser.add_argument("--calls", type=int, default=6, help="timed batches per rate")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "RESULTS.md")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (N_TRAIN + N_TEST, 3, SIZE, SIZE), dtype=torch.uint8)
+    labels = torch.randint(0, CLASSES, (N_TRAIN + N_TEST,))
+    bf16 = bf16_supported("cpu")
+
+    plain = {name: plain_epoch_seconds(name, args.calls) for name in args.backbones}
+    plain_rss = peak_rss_gib()  # measured before this project's settings touch the process
+    keep_freed_memory()
+    rows = []
+    for name in args.backbones:
+        extract_s, cached_s = cached_run(name, images, labels, args.epochs, bf16)
+        extract_rate = len(images) / extract_s
+        gflop = forward_gflop(name)
+        rows.append(
+            {
+                "backbone": name,
+                "plain frozen img/s": (N_TRAIN + N_TEST) / plain[name],
+                "plain s/epoch": plain[name],
+                f"plain {args.epochs} epochs s": plain[name] * args.epochs,
+                "extract img/s": extract_rate,
+                "extract GFLOP/s": gflop * extract_rate,
+                "cached s/epoch (after extract)": (cached_s - extract_s) / args.epochs,
+                f"cached {args.epochs} epochs s": cached_s,
+                "plain/cached": plain[name] * args.epochs / cached_s,
+                "fine-tune img/s": finetune_rate(name, bf16, args.calls),
+                "peak RSS GiB": peak_rss_gib(),
+            }
+        )
+    peak_bf16 = matmul_peak_gflops(torch.bfloat16) if bf16 else float("nan")
+    peak_fp32 = matmul_peak_gflops(torch.float32)
+    keys = list(rows[0])
+    lines = [
+        f"# Training speed: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "",
+        f"1,494 images at {SIZE} px ({N_TRAIN} train, {N_TEST} test), batch {BATCH}, random "
+        f"weights. Plain: fp32, NCHW, default allocator, backbone every epoch (peak RSS "
+        f"{plain_rss:.2f} GiB). Cached: bf16={bf16} + channels_last extraction once, then "
+        f"{args.epochs} Lightning epochs on the features. Fine-tune: bf16={bf16} autocast + "
+        "channels_last, forward + backward + RMSprop step.",
+        "",
+        "| " + " | ".join(keys) + " |",
+        "|" + "---|" * len(keys),
+    ]
+    for row in rows:
+        cells = [f"{v:,.2f}" if isinstance(v, float) else str(v) for v in row.values()]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Matmul peak (2048^2, measured): bf16 {peak_bf16:,.0f} GFLOP/s, fp32 {peak_fp32:,.0f} "
+        "GFLOP/s. Extraction GFLOP/s counts the backbone forward's FLOPs (torch FlopCounterMode).",
+        "",
+        f"Decode + resize to {SIZE} px (640x480 JPEG, decode_all): {decode_rate():,.0f} img/s.",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
