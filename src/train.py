@@ -67,6 +67,8 @@ def train(cfg: DictConfig) -> float:
         optimizer=instantiate(cfg.optimizer),
     )
     print(parameter_summary(model))
+    if cfg.compile:
+        model.backbone.compile()
     precision = resolve_precision(cfg.precision, accelerator(cfg))
     timer = EpochTimer()
     best = ModelCheckpoint(out / "checkpoints", "best", monitor="val/acc", mode="max")
