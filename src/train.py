@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.callbacks import EpochTimer
 from src.errors import exit_on_user_error
+from src.eval import log_final_figures
 from src.features import cached_features
 from src.model import TransferModel, parameter_summary
 from src.runtime import keep_freed_memory, resolve_precision
@@ -88,6 +89,7 @@ def train(cfg: DictConfig) -> float:
     model.test_phase = "test"
     trainer.fit(model, data, ckpt_path=cfg.ckpt_path)
     after = trainer.test(model, data, ckpt_path="best", verbose=False)[0]
+    log_final_figures(trainer, model, data)  # confusion matrix, Grad-CAM (TensorBoard only)
     result = {
         **hyperparameters(cfg),
         **before,
