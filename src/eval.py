@@ -108,6 +108,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "Fix: data.root=<the folder the checkpoint was trained on, or one with its classes>"
         )
     split = data.test_split
+    if not split.paths:
+        raise UserError(f"no test images in {data.root}. Fix: data.root=<a folder with images>")
     images = decode_all(split.paths, data.image_size)
     labels = torch.tensor(split.labels)
     scores = logits(model, images, pick_device(cfg.device), cfg.batch_size)
@@ -170,8 +172,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 def log_final_figures(trainer: L.Trainer, model: TransferModel, data: ImageFolderData) -> None:
     """Log the final test's confusion matrix and Grad-CAM heatmaps of a few fixed test images.
 
-    Only with a TensorBoard logger. Predictions use the test's own batches (cached features or
-    images) and precision, so the matrix matches the logged `test/acc`.
+    Only with a TensorBoard logger. Predictions use the test's inputs (cached features or
+    images) and precision, so the matrix matches the logged `test/acc` (over the whole test
+    set: the Trainer's `limit_test_batches` does not apply here).
     """
     logger = trainer.logger
     if not isinstance(logger, TensorBoardLogger):

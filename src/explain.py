@@ -73,11 +73,11 @@ def gradcam(
 
 def explain(cfg: DictConfig) -> list[Path]:
     """Write one PNG per input: the image beside its Grad-CAM overlay; return their paths."""
+    paths = image_paths(cfg.inputs)
     model = load_checkpoint(cfg.ckpt_path)
     classes = list(model.hparams.classes)
     if cfg.target is not None and cfg.target not in classes:
         raise UserError(f"unknown target class {cfg.target!r}. Fix: target=one of {classes}")
-    paths = image_paths(cfg.inputs)
     images = read_images(paths, model.hparams.image_size)
     device = pick_device(cfg.device)
     probs = logits(model, images, device).softmax(1)

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,12 @@ def load_checkpoint(ckpt_path: str | None) -> TransferModel:
         raise UserError(f"checkpoint {path} not found. {CKPT_FIX}")
     try:
         return load_model(path)
-    except (RuntimeError, OSError, KeyError, TypeError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"cannot load checkpoint {path}: {first}. {CKPT_FIX}") from err
+    except (pickle.UnpicklingError, RuntimeError, OSError, KeyError, TypeError) as err:
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise UserError(
+            f"cannot load checkpoint {path} ({type(err).__name__}: {first}): not a checkpoint of "
+            f"src.train. {CKPT_FIX}"
+        ) from err
 
 
 def image_paths(inputs: str | None) -> list[Path]:
@@ -106,8 +110,8 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     """Print and write (`predictions.csv`, `predictions.json`) the top-k classes of each input."""
     if cfg.top_k < 1:
         raise UserError(f"top_k={cfg.top_k} must be at least 1. Fix: top_k=3")
-    model = load_checkpoint(cfg.ckpt_path)
     paths = image_paths(cfg.inputs)
+    model = load_checkpoint(cfg.ckpt_path)
     images = read_images(paths, model.hparams.image_size)
     probs = logits(model, images, pick_device(cfg.device)).softmax(1)
     tops = top_k(probs, list(model.hparams.classes), cfg.top_k)

@@ -191,11 +191,26 @@ def test_missing_checkpoint_is_a_user_error(
     command: str, tiny: dict[str, Path], tmp_path: Path
 ) -> None:
     run = {"eval": evaluate, "predict": predict, "explain": explain, "export": export}[command]
+    inputs = tiny["root"] / "validation/class_0"
     cfg = command_cfg(
-        command, [f"ckpt_path={tmp_path / 'no.ckpt'}", f"++inputs={tiny['root']}"], tmp_path / "out"
+        command, [f"ckpt_path={tmp_path / 'no.ckpt'}", f"++inputs={inputs}"], tmp_path / "out"
     )
     with pytest.raises(UserError, match="not found"):
         run(cfg)
+
+
+def test_bad_checkpoint_or_inputs_are_user_errors(tiny: dict[str, Path], tmp_path: Path) -> None:
+    image = tiny["root"] / "validation/class_0/image0.png"
+    (tmp_path / "empty").mkdir()
+    for overrides, message in (
+        ([f"ckpt_path={image}", f"inputs={image}"], "not a checkpoint of src.train"),
+        ([f"ckpt_path={tiny['ckpt']}", f"inputs={tmp_path / 'none'}"], "inputs .* not found"),
+        ([f"ckpt_path={tiny['ckpt']}", f"inputs={tmp_path / 'empty'}"], "no images"),
+        ([f"ckpt_path={tiny['ckpt']}", f"inputs={image}", "top_k=0"], "top_k=0"),
+    ):
+        cfg = command_cfg("predict", overrides, tmp_path / message.replace(" ", "_")[:8])
+        with pytest.raises(UserError, match=message):
+            predict(cfg)
 
 
 def test_explain_writes_one_picture_per_image(tiny: dict[str, Path], tmp_path: Path) -> None:
