@@ -89,6 +89,7 @@ def train(cfg: DictConfig) -> float:
     model.test_phase = "test"
     trainer.fit(model, data, ckpt_path=cfg.ckpt_path)
     after = trainer.test(model, data, ckpt_path="best", verbose=False)[0]
+    log_final_figures(trainer, model, data)  # confusion matrix, Grad-CAM (TensorBoard only)
     result = {
         **hyperparameters(cfg),
         **before,
@@ -102,7 +103,6 @@ def train(cfg: DictConfig) -> float:
     }
     if logger:
         logger.log_hyperparams(hyperparameters(cfg), {k: after[k] for k in after} | before)
-        log_final_figures(trainer, model, data)  # confusion matrix, Grad-CAM (TensorBoard only)
     (out / "result.json").write_text(json.dumps(result, indent=2))
     print(
         f"RESULT backbone={cfg.backbone.name} freeze={bool(cfg.freeze)} "
