@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.callbacks import EpochTimer
 from src.errors import exit_on_user_error
+from src.eval import log_final_figures
 from src.features import cached_features
 from src.model import TransferModel, parameter_summary, trainable_parameters
 from src.runtime import keep_freed_memory, quiet_lightning, resolve_precision
@@ -105,6 +106,7 @@ def train(cfg: DictConfig) -> float:
     if logger:
         logger.log_hyperparams(hyperparameters(cfg), after | before)
     (out / "result.json").write_text(json.dumps(result, indent=2))
+    log_final_figures(trainer, model, data)  # confusion matrix, Grad-CAM (TensorBoard only)
     print(
         f"RESULT backbone={cfg.backbone.name} freeze={bool(cfg.freeze)} "
         f"before_test_acc={before['before/test_acc']:.4f} test_acc={after['test/acc']:.4f} "

@@ -1,0 +1,222 @@
+"""Evaluate a checkpoint on a test set: `python -m src.eval ckpt_path=... [data=...]`.
+
+Writes `report.md`, `metrics.json`, `confusion_matrix.png` and `misclassified.png` in the run
+dir and logs the figures to TensorBoard. `log_final_figures` logs a training run's final test.
+"""
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig
+from torchmetrics.functional.classification import (
+    multiclass_confusion_matrix,
+    multiclass_f1_score,
+    multiclass_precision,
+    multiclass_recall,
+)
+
+from src.data import ImageFolderData, decode_all
+from src.errors import UserError, exit_on_user_error
+from src.explain import TARGET_LAYERS, gradcam, target_layer
+from src.figures import confusion_matrix_figure, gradcam_figure, image_grid_figure
+from src.model import TransferModel
+from src.predict import load_checkpoint, logits, pick_device
+
+log = logging.getLogger(__name__)
+GRADCAM_IMAGES = 6  # the training run's heatmaps: the first test image of each class, at most
+
+
+def class_metrics(preds: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
+    """Confusion matrix (rows true, columns predicted) and per-class precision/recall/F1/support."""
+    n = len(classes)
+    matrix = multiclass_confusion_matrix(preds, labels, n)
+    scores = {
+        "precision": multiclass_precision(preds, labels, n, average=None),
+        "recall": multiclass_recall(preds, labels, n, average=None),
+        "f1": multiclass_f1_score(preds, labels, n, average=None),
+    }
+    per_class = {
+        name: {key: float(value[c]) for key, value in scores.items()}
+        | {"support": int(matrix[c].sum())}
+        for c, name in enumerate(classes)
+    }
+    macro = {key: float(value.mean()) for key, value in scores.items()} | {"support": len(labels)}
+    return {"per_class": per_class, "macro_avg": macro, "confusion_matrix": matrix.tolist()}
+
+
+def markdown_report(metrics: dict[str, Any]) -> str:
+    """The metrics as a Markdown report that embeds the two figures."""
+    classes = list(metrics["per_class"])
+    rows = [
+        f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
+        for name, m in [*metrics["per_class"].items(), ("macro avg", metrics["macro_avg"])]
+    ]
+    matrix = [
+        f"| **{name}** | " + " | ".join(str(v) for v in counts) + " |"
+        for name, counts in zip(classes, metrics["confusion_matrix"], strict=True)
+    ]
+    source = "the validation split of training/ (no validation/ folder)"
+    return "\n".join(
+        [
+            f"# Evaluation of {metrics['checkpoint']}",
+            "",
+            f"Test set: {metrics['n_images']} images of {metrics['data_root']}, "
+            + (source if metrics["test_is_val"] else "validation/"),
+            "",
+            f"- test accuracy: **{metrics['test_acc']:.4f}**",
+            f"- test loss: {metrics['test_loss']:.4f}",
+            f"- misclassified: {metrics['n_misclassified']}",
+            "",
+            "## Per class",
+            "",
+            "| class | precision | recall | F1 | support |",
+            "|---|---|---|---|---|",
+            *rows,
+            "",
+            "## Confusion matrix (rows: true class, columns: predicted)",
+            "",
+            "| true \\ predicted | " + " | ".join(classes) + " |",
+            "|---" * (len(classes) + 1) + "|",
+            *matrix,
+            "",
+            "![confusion matrix](confusion_matrix.png)",
+            "",
+            "## Misclassified images (most confident first)",
+            "",
+            "![misclassified images](misclassified.png)",
+            "",
+        ]
+    )
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate `cfg.ckpt_path` on `cfg.data`'s test set; write and log the report."""
+    model = load_checkpoint(cfg.ckpt_path)
+    classes = list(model.hparams.classes)
+    data: ImageFolderData = instantiate(cfg.data, image_size=model.hparams.image_size)
+    if data.classes != classes:
+        raise UserError(
+            f"the data's classes {data.classes} differ from the checkpoint's {classes}. "
+            "Fix: data.root=<the folder the checkpoint was trained on, or one with its classes>"
+        )
+    split = data.test_split
+    if not split.paths:
+        raise UserError(f"no test images in {data.root}. Fix: data.root=<a folder with images>")
+    images = decode_all(split.paths, data.image_size)
+    labels = torch.tensor(split.labels)
+    scores = logits(model, images, pick_device(cfg.device), cfg.batch_size)
+    probs = scores.softmax(1)
+    preds = probs.argmax(1)
+    wrong = (preds != labels).nonzero().flatten()
+    wrong = wrong[probs[wrong, preds[wrong]].argsort(descending=True)]
+    metrics = {
+        "checkpoint": str(cfg.ckpt_path),
+        "data_root": str(data.root),
+        "test_is_val": data.test_is_val,
+        "n_images": len(labels),
+        "test_acc": float((preds == labels).float().mean()),
+        "test_loss": float(F.cross_entropy(scores, labels)),
+        "n_misclassified": len(wrong),
+        **class_metrics(preds, labels, classes),
+        "misclassified": [
+            {
+                "image": str(split.paths[i]),
+                "true": classes[labels[i]],
+                "predicted": classes[preds[i]],
+                "probability": float(probs[i, preds[i]]),
+            }
+            for i in wrong.tolist()
+        ],
+    }
+    shown = wrong[: cfg.max_misclassified].tolist()
+    figures = {
+        "confusion_matrix": confusion_matrix_figure(
+            torch.tensor(metrics["confusion_matrix"]), classes
+        ),
+        "misclassified": image_grid_figure(
+            images[shown],
+            [
+                f"true: {classes[labels[i]]}\npred: {classes[preds[i]]} ({probs[i, preds[i]]:.2f})"
+                for i in shown
+            ],
+            f"Misclassified: {len(shown)} of {len(wrong)} shown",
+        ),
+    }
+    out = Path(cfg.output_dir)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    report = markdown_report(metrics)
+    (out / "report.md").write_text(report)
+    for name, figure in figures.items():
+        figure.savefig(out / f"{name}.png", dpi=100)
+    logger = instantiate(cfg.logger) if cfg.logger else None
+    if isinstance(logger, TensorBoardLogger):
+        for name, figure in figures.items():
+            logger.experiment.add_figure(f"eval/{name}", figure)
+        logger.log_metrics(
+            {"eval/test_acc": metrics["test_acc"], "eval/test_loss": metrics["test_loss"]}
+        )
+        logger.finalize("success")
+    print(report.split("## Confusion matrix")[0].rstrip())
+    print(f"\nreport written to {out / 'report.md'}")
+    return metrics
+
+
+def log_final_figures(trainer: L.Trainer, model: TransferModel, data: ImageFolderData) -> None:
+    """Log the final test's confusion matrix and Grad-CAM heatmaps of a few fixed test images.
+
+    Only with a TensorBoard logger. Predictions use the test's inputs (cached features or
+    images) and precision, so the matrix matches the logged `test/acc` (over the whole test
+    set: the Trainer's `limit_test_batches` does not apply here).
+    """
+    logger = trainer.logger
+    if not isinstance(logger, TensorBoardLogger):
+        return
+    classes = list(model.hparams.classes)
+    preds, labels = [], []
+    model.eval()
+    with torch.inference_mode(), trainer.precision_plugin.forward_context():
+        for x, y in data.test_dataloader():
+            x = x.to(model.device)
+            preds.append((model.head(x) if x.ndim == 2 else model(x)).argmax(1).cpu())
+            labels.append(y)
+    matrix = multiclass_confusion_matrix(torch.cat(preds), torch.cat(labels), len(classes))
+    step = trainer.global_step
+    logger.experiment.add_figure(
+        "test/confusion_matrix", confusion_matrix_figure(matrix, classes), step
+    )
+    if model.hparams.backbone["name"] not in TARGET_LAYERS:
+        log.warning(
+            "no default Grad-CAM layer for %s: no heatmaps logged", model.hparams.backbone["name"]
+        )
+        return
+    split = data.test_split
+    picks = [split.labels.index(c) for c in sorted(set(split.labels))][:GRADCAM_IMAGES]
+    images = decode_all([split.paths[i] for i in picks], data.image_size)
+    probs = logits(model, images, model.device).softmax(1)
+    predicted = probs.argmax(1).tolist()
+    heatmaps = gradcam(model, images, predicted, target_layer(model), model.device)
+    left = [f"true: {classes[split.labels[i]]}" for i in picks]
+    right = [f"Grad-CAM: {classes[p]} ({probs[k, p]:.2f})" for k, p in enumerate(predicted)]
+    logger.experiment.add_figure(
+        "test/gradcam", gradcam_figure(images, heatmaps, left, right), step
+    )
+    logger.experiment.flush()
+
+
+@hydra.main(config_path="../conf", config_name="eval", version_base="1.3")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    """Command-line entry: Hydra composes `cfg` from conf/eval.yaml and the overrides."""
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Export a checkpoint for serving: `python -m src.export ckpt_path=... format=onnx|torchscript`.
+
+Writes `model.onnx` or `model.pt` with `model.json` beside it (the preprocessing contract) and
+checks the exported model's logits against the checkpoint's on a sample batch.
+"""
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from src.errors import UserError, exit_on_user_error
+from src.model import TransferModel
+from src.predict import load_checkpoint
+
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
+
+
+def contract(model: TransferModel, fmt: str, file: str) -> dict[str, Any]:
+    """What a caller must feed the exported model and what it returns."""
+    size = model.hparams.image_size
+    return {
+        "format": fmt,
+        "file": file,
+        "backbone": model.hparams.backbone["name"],
+        "input": {
+            "name": "images",
+            "shape": ["batch", 3, size, size],
+            "dtype": "uint8",
+            "channels": "RGB",
+            "layout": "NCHW",
+            "preprocessing": f"resize the whole image to {size}x{size} (bilinear, no crop)",
+        },
+        "normalisation": {
+            "applied": "inside the model: (images / 255 - mean) / std",
+            "mean": [round(float(v) / 255, 6) for v in model.mean.flatten()],
+            "std": [round(float(v) / 255, 6) for v in model.std.flatten()],
+        },
+        "output": {
+            "name": "logits",
+            "shape": ["batch", len(model.hparams.classes)],
+            "meaning": "class logits; softmax gives probabilities",
+        },
+        "classes": list(model.hparams.classes),
+    }
+
+
+def export_onnx(model: TransferModel, sample: torch.Tensor, path: Path) -> None:
+    """ONNX with a dynamic batch size (the TorchScript-based exporter: no onnxscript needed)."""
+    torch.onnx.export(
+        model,
+        (sample,),
+        str(path),
+        dynamo=False,
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+    )
+
+
+def run_onnx(path: Path, images: torch.Tensor) -> torch.Tensor:
+    """Logits of the ONNX model on the CPU with ONNX Runtime."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+
+
+def export(cfg: DictConfig) -> dict[str, Any]:
+    """Export, write the contract, check parity; return the contract (with the parity result)."""
+    if cfg.format not in SUFFIXES:
+        raise UserError(f"unknown format {cfg.format!r}. Fix: format=onnx or format=torchscript")
+    model = load_checkpoint(cfg.ckpt_path).cpu().eval()
+    size = model.hparams.image_size
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, generator=generator)
+    check = torch.randint(
+        0, 256, (cfg.check_batch, 3, size, size), dtype=torch.uint8, generator=generator
+    )
+    out = Path(cfg.output_dir)
+    path = out / f"model{SUFFIXES[cfg.format]}"
+    with warnings.catch_warnings():  # both exporters are TorchScript-based, deprecated upstream
+        warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
+        if cfg.format == "onnx":
+            export_onnx(model, sample, path)
+            exported = run_onnx(path, check)
+        else:
+            model.to_torchscript(path, method="trace", example_inputs=sample)
+            with torch.inference_mode():
+                exported = torch.jit.load(path)(check)
+    with torch.inference_mode():
+        expected = model(check)
+    diff = float((exported - expected).abs().max())
+    info = contract(model, cfg.format, path.name) | {
+        "checkpoint": str(cfg.ckpt_path),
+        "parity": {"max_abs_diff": diff, "tolerance": cfg.tolerance, "batch": cfg.check_batch},
+    }
+    (out / "model.json").write_text(json.dumps(info, indent=2))
+    verdict = "ok" if math.isfinite(diff) and diff <= cfg.tolerance else "FAILED"
+    print(
+        f"{cfg.format} parity on {cfg.check_batch} images: max abs diff {diff:.3g} "
+        f"(tolerance {cfg.tolerance:g}): {verdict}"
+    )
+    if verdict != "ok":
+        raise UserError(
+            f"the exported {path} differs from the checkpoint by {diff:.3g} > {cfg.tolerance:g}: "
+            "do not ship it. Fix: try the other format, or report the backbone and versions"
+        )
+    print(f"exported {path} with its contract {out / 'model.json'}")
+    return info
+
+
+@hydra.main(config_path="../conf", config_name="export", version_base="1.3")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    """Command-line entry: Hydra composes `cfg` from conf/export.yaml and the overrides."""
+    export(cfg)
+
+
+if __name__ == "__main__":
+    main()

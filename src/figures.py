@@ -1,0 +1,69 @@
+"""Matplotlib figures of what a model learned: confusion matrix, image grids, Grad-CAM overlays."""
+
+import math
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from pytorch_grad_cam.utils.image import show_cam_on_image
+
+
+def confusion_matrix_figure(matrix: torch.Tensor, classes: list[str]) -> Figure:
+    """Counts of true (rows) against predicted (columns) classes, shaded by row share."""
+    counts = matrix.numpy()
+    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    side = max(4.0, 0.7 * len(classes) + 2.5)
+    fig = Figure(figsize=(side + 1, side), layout="constrained")
+    ax = fig.add_subplot()
+    shading = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(shading, ax=ax, label="share of the true class", shrink=0.8)
+    for (row, col), count in np.ndenumerate(counts):
+        colour = "white" if share[row, col] > 0.6 else "black"
+        ax.text(col, row, str(count), ha="center", va="center", color=colour, fontsize=11)
+    ticks = range(len(classes))
+    ax.set_xticks(ticks, classes, rotation=30, ha="right")
+    ax.set_yticks(ticks, classes)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"Confusion matrix ({int(counts.sum())} test images)")
+    return fig
+
+
+def image_grid_figure(images: torch.Tensor, titles: list[str], title: str, cols: int = 4) -> Figure:
+    """uint8 images (N, 3, H, W) in a grid, each with its title; a note when there are none."""
+    if len(images) == 0:
+        fig = Figure(figsize=(4, 1.5), layout="constrained")
+        fig.text(0.5, 0.5, f"{title}: none", ha="center", va="center", fontsize=12)
+        return fig
+    cols = min(cols, len(images))
+    rows = math.ceil(len(images) / cols)
+    fig = Figure(figsize=(2.6 * cols, 2.9 * rows), layout="constrained")
+    fig.suptitle(title)
+    for i, (image, text) in enumerate(zip(images, titles, strict=True)):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        ax.imshow(image.permute(1, 2, 0).numpy())
+        ax.set_title(text, fontsize=10)
+        ax.axis("off")
+    return fig
+
+
+def overlay(image: torch.Tensor, heatmap: np.ndarray) -> np.ndarray:
+    """A uint8 image (3, H, W) blended with its [0, 1] heatmap (H, W) in the jet colour map."""
+    rgb = image.permute(1, 2, 0).numpy().astype(np.float32) / 255
+    return show_cam_on_image(rgb, heatmap, use_rgb=True)
+
+
+def gradcam_figure(
+    images: torch.Tensor, heatmaps: np.ndarray, left: list[str], right: list[str]
+) -> Figure:
+    """One row per image: the image (titled `left`) beside its Grad-CAM overlay (`right`)."""
+    fig = Figure(figsize=(6, 3.1 * len(images)), layout="constrained")
+    for i, image in enumerate(images):
+        for j, (picture, text) in enumerate(
+            ((image.permute(1, 2, 0).numpy(), left[i]), (overlay(image, heatmaps[i]), right[i]))
+        ):
+            ax = fig.add_subplot(len(images), 2, 2 * i + j + 1)
+            ax.imshow(picture)
+            ax.set_title(text, fontsize=11)
+            ax.axis("off")
+    return fig

@@ -1,0 +1,142 @@
+"""Top-k classes of images from a checkpoint: `python -m src.predict ckpt_path=... inputs=...`."""
+
+import csv
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from PIL import UnidentifiedImageError
+
+from src.data import IMAGE_EXTENSIONS, decode, list_images
+from src.errors import UserError, exit_on_user_error
+from src.model import TransferModel, load_model
+
+CKPT_FIX = (
+    "Fix: ckpt_path=outputs/<date>/<time>/checkpoints/best.ckpt (a training run's checkpoint)"
+)
+
+
+def load_checkpoint(ckpt_path: str | None) -> TransferModel:
+    """The trained model in `ckpt_path`, or a UserError naming what is wrong with the path."""
+    if not ckpt_path:
+        raise UserError(f"no checkpoint given. {CKPT_FIX}")
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found. {CKPT_FIX}")
+    try:
+        return load_model(path)
+    except (pickle.UnpicklingError, RuntimeError, OSError, KeyError, TypeError) as err:
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise UserError(
+            f"cannot load checkpoint {path} ({type(err).__name__}: {first}): not a checkpoint of "
+            f"src.train. {CKPT_FIX}"
+        ) from err
+
+
+def image_paths(inputs: str | None) -> list[Path]:
+    """`inputs` as a list of image files: the file itself or the images directly in a folder."""
+    fix = "Fix: inputs=<an image file or a folder of images>"
+    if not inputs:
+        raise UserError(f"no inputs given. {fix}")
+    path = Path(inputs)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise UserError(f"inputs {path} not found. {fix}")
+    paths = list_images(path)
+    if not paths:
+        kinds = " ".join(sorted(IMAGE_EXTENSIONS))
+        raise UserError(f"no images ({kinds}) directly in folder {path}. {fix}")
+    return paths
+
+
+def read_images(paths: list[Path], size: int) -> torch.Tensor:
+    """The images as one (N, 3, size, size) uint8 tensor, preprocessed as in training."""
+    images = []
+    for path in paths:
+        try:
+            images.append(decode(path, size))
+        except (UnidentifiedImageError, OSError) as err:
+            raise UserError(
+                f"cannot read image {path}: {err}. Fix: remove it or convert it"
+            ) from err
+    return torch.stack(images)
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto`: the GPU when there is one, else the CPU; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@torch.inference_mode()
+def logits(
+    model: TransferModel, images: torch.Tensor, device: torch.device, batch_size: int = 64
+) -> torch.Tensor:
+    """Class logits (N, classes) of uint8 images, in float32 on the CPU."""
+    model.eval().to(device)
+    chunks = [
+        model(images[start : start + batch_size].to(device)).float().cpu()
+        for start in range(0, len(images), batch_size)
+    ]
+    return torch.cat(chunks)
+
+
+def top_k(probs: torch.Tensor, classes: list[str], k: int) -> list[list[tuple[str, float]]]:
+    """Per image, the `k` most probable (class, probability) pairs, most probable first."""
+    values, indices = probs.topk(min(k, probs.shape[1]), dim=1)
+    return [
+        [(classes[i], float(p)) for p, i in zip(row_p.tolist(), row_i.tolist(), strict=True)]
+        for row_p, row_i in zip(values, indices, strict=True)
+    ]
+
+
+def format_table(paths: list[Path], tops: list[list[tuple[str, float]]]) -> str:
+    """A fixed-width table: one row per image, `class probability` per rank."""
+    cells = [[f"{name} {p:.3f}" for name, p in top] for top in tops]
+    header = ["image"] + [f"top{rank + 1}" for rank in range(len(cells[0]))]
+    rows = [header] + [[str(path)] + row for path, row in zip(paths, cells, strict=True)]
+    widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def predict(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Print and write (`predictions.csv`, `predictions.json`) the top-k classes of each input."""
+    if cfg.top_k < 1:
+        raise UserError(f"top_k={cfg.top_k} must be at least 1. Fix: top_k=3")
+    paths = image_paths(cfg.inputs)
+    model = load_checkpoint(cfg.ckpt_path)
+    images = read_images(paths, model.hparams.image_size)
+    probs = logits(model, images, pick_device(cfg.device)).softmax(1)
+    tops = top_k(probs, list(model.hparams.classes), cfg.top_k)
+    out = Path(cfg.output_dir)
+    records = [
+        {"image": str(path), "top": [{"class": c, "probability": p} for c, p in top]}
+        for path, top in zip(paths, tops, strict=True)
+    ]
+    (out / "predictions.json").write_text(json.dumps(records, indent=2))
+    with open(out / "predictions.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "rank", "class", "probability"])
+        for path, top in zip(paths, tops, strict=True):
+            writer.writerows([path, rank + 1, c, f"{p:.6f}"] for rank, (c, p) in enumerate(top))
+    print(format_table(paths, tops))
+    print(f"predictions written to {out / 'predictions.csv'} and predictions.json")
+    return records
+
+
+@hydra.main(config_path="../conf", config_name="predict", version_base="1.3")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    """Command-line entry: Hydra composes `cfg` from conf/predict.yaml and the overrides."""
+    predict(cfg)
+
+
+if __name__ == "__main__":
+    main()
