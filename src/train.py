@@ -10,10 +10,12 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from src.callbacks import EpochTimer
+from src.checkpoints import AtomicCheckpointIO, RunCheckpoint
+from src.checks import check_config, check_resume
 from src.errors import exit_on_user_error
 from src.features import cached_features
 from src.model import TransferModel, parameter_summary
@@ -55,9 +57,11 @@ def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
 def train(cfg: DictConfig) -> float:
     """Test, train, test again; log and checkpoint under `cfg.output_dir`; return the objective."""
     start = time.perf_counter()
+    check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.output_dir)
     data = instantiate(cfg.data)
+    check_resume(cfg.ckpt_path, cfg.backbone.name, data.classes, cfg.freeze)
     model = TransferModel(
         backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
         classes=data.classes,
@@ -68,13 +72,17 @@ def train(cfg: DictConfig) -> float:
     print(parameter_summary(model))
     precision = resolve_precision(cfg.precision, accelerator(cfg))
     timer = EpochTimer()
-    checkpoint = ModelCheckpoint(
+    checkpoint = RunCheckpoint(
         dirpath=out / "checkpoints", filename="best", monitor="val/acc", mode="max", save_last=True
     )
     logger = instantiate(cfg.logger) if cfg.logger else False
     callbacks = [timer, checkpoint] + ([LearningRateMonitor("epoch")] if logger else [])
     trainer: L.Trainer = instantiate(
-        cfg.trainer, precision=precision, logger=logger, callbacks=callbacks
+        cfg.trainer,
+        precision=precision,
+        logger=logger,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
     )
     if use_cached_features(cfg, data):
         device = trainer.strategy.root_device
@@ -110,8 +118,8 @@ def train(cfg: DictConfig) -> float:
     return float(result[cfg.objective])
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 @exit_on_user_error
+@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     """Command-line entry: Hydra composes `cfg` from conf/ and the overrides."""
     keep_freed_memory()
