@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import compose_cfg, make_folder
-from hydra.errors import MissingConfigException
+from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import DictConfig, open_dict
 
 from src.checks import check_config
@@ -125,6 +125,12 @@ def test_messages_for_hydra_and_disk_errors() -> None:
     unknown = MissingConfigException("...", "backbone/resnet", ["mobilenet_v2", "vgg19"])
     assert user_message(unknown) == (
         "unknown backbone 'resnet'. Fix: backbone=one of mobilenet_v2, vgg19"
+    )
+    typo = ConfigCompositionException(
+        "Could not override 'bakbone'.\nTo append to your config use +bakbone=x"
+    )
+    assert user_message(typo) == (
+        "Could not override 'bakbone'. To append to your config use +bakbone=x"
     )
     full = OSError(errno.ENOSPC, "No space left on device", "out/last.ckpt")
     assert user_message(full).startswith("disk full: No space left on device (out/last.ckpt).")
