@@ -10,10 +10,13 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from src.callbacks import EpochTimer
+from src.checkpoints import AtomicCheckpointIO, RunCheckpoint
+from src.checks import check_config, check_resume
 from src.errors import exit_on_user_error
 from src.eval import log_final_figures
 from src.features import cached_features
@@ -56,10 +59,12 @@ def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
 def train(cfg: DictConfig) -> float:
     """Test, train, test again; log and checkpoint under `cfg.output_dir`; return the objective."""
     start = time.perf_counter()
+    check_config(cfg)
     quiet_lightning()
     L.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.output_dir)
     data = instantiate(cfg.data)
+    check_resume(cfg.ckpt_path, cfg.backbone.name, data.classes, cfg.freeze)
     model = TransferModel(
         backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
         classes=data.classes,
@@ -72,13 +77,17 @@ def train(cfg: DictConfig) -> float:
         model.backbone.compile()
     precision = resolve_precision(cfg.precision, accelerator(cfg))
     timer = EpochTimer()
-    best = ModelCheckpoint(out / "checkpoints", "best", monitor="val/acc", mode="max")
-    # ModelCheckpoint(save_last=True) only refreshes last.ckpt when the best one improves
-    last = ModelCheckpoint(out / "checkpoints", "last", enable_version_counter=False)
+    checkpoint = RunCheckpoint(
+        dirpath=out / "checkpoints", filename="best", monitor="val/acc", mode="max", save_last=True
+    )
     logger = instantiate(cfg.logger) if cfg.logger else False
-    callbacks = [timer, best, last] + ([LearningRateMonitor("epoch")] if logger else [])
+    callbacks = [timer, checkpoint] + ([LearningRateMonitor("epoch")] if logger else [])
     trainer: L.Trainer = instantiate(
-        cfg.trainer, precision=precision, logger=logger, callbacks=callbacks
+        cfg.trainer,
+        precision=precision,
+        logger=logger,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
     )
     if use_cached_features(cfg, data):
         device = trainer.strategy.root_device
@@ -92,19 +101,22 @@ def train(cfg: DictConfig) -> float:
     model.test_phase = "test"
     trainer.fit(model, data, ckpt_path=cfg.ckpt_path)
     after = trainer.test(model, data, ckpt_path="best", verbose=False)[0]
+    best_path = checkpoint.best_model_path
     result = {
         **hyperparameters(cfg),
         **before,
         **after,
         "trainable_params": sum(p.numel() for p in trainable_parameters(model)),
         "total_params": sum(p.numel() for p in model.parameters()),
-        "best_epoch": torch.load(best.best_model_path, mmap=True, weights_only=False)["epoch"],
+        "best_epoch": torch.load(best_path, mmap=True, weights_only=False)["epoch"],
         "first_epoch_s": timer.seconds[0] if timer.seconds else None,
         "mean_epoch_s": sum(timer.seconds) / len(timer.seconds) if timer.seconds else None,
         "wall_s": time.perf_counter() - start,
     }
-    if logger:
+    if isinstance(logger, TensorBoardLogger):  # the HPARAMS tab, with the final metrics
         logger.log_hyperparams(hyperparameters(cfg), after | before)
+    elif logger:
+        logger.log_hyperparams(hyperparameters(cfg))
     (out / "result.json").write_text(json.dumps(result, indent=2))
     log_final_figures(trainer, model, data)  # confusion matrix, Grad-CAM (TensorBoard only)
     print(
@@ -115,8 +127,8 @@ def train(cfg: DictConfig) -> float:
     return float(result[cfg.objective])
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 @exit_on_user_error
+@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     """Command-line entry: Hydra composes `cfg` from conf/ and the overrides."""
     keep_freed_memory()

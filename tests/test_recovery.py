@@ -1,0 +1,131 @@
+"""Faults lose nothing: Ctrl-C saves, resumed runs match uninterrupted ones, writes are atomic."""
+
+import errno
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CONF_DIR, compose_cfg
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+import src.checkpoints
+from src.errors import user_message
+from src.model import TransferModel
+from src.train import train
+
+TIMINGS = {"first_epoch_s", "mean_epoch_s", "wall_s", "max_epochs"}
+
+
+def run(cfg: DictConfig, name: str, *overrides: str) -> tuple[dict, dict]:
+    """Train `cfg` with `overrides` in its own dir: its result.json (less timings and
+    max_epochs) and its last checkpoint."""
+    replaced = {o.split("=")[0] for o in overrides}
+    base = [a for a in cfg_overrides(cfg) if a.split("=")[0] not in replaced]
+    out = Path(cfg.output_dir).parent / name
+    train(compose_cfg([*base, *overrides], out))
+    result = json.loads((out / "result.json").read_text())
+    last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    return {k: v for k, v in result.items() if k not in TIMINGS}, last
+
+
+def cfg_overrides(cfg: DictConfig) -> list[str]:
+    """The overrides of the `tiny_cfg` fixture."""
+    return [
+        "backbone.weights=null",
+        "data=imagefolder",
+        f"data.root={cfg.data.root}",
+        "image_size=32",
+        "batch_size=4",
+        "trainer=cpu",
+        "trainer.max_epochs=2",
+        "logger=none",
+        "precision=32-true",
+    ]
+
+
+@pytest.mark.parametrize("freeze", ["true", "false"])  # cached features; images
+def test_resumed_run_matches_an_uninterrupted_one(tiny_cfg: DictConfig, freeze: str) -> None:
+    settings = [f"freeze={freeze}", "optimizer=adam"]
+    straight, straight_last = run(tiny_cfg, "straight", *settings, "trainer.max_epochs=2")
+    first, first_last = run(tiny_cfg, "killed", *settings, "trainer.max_epochs=1")
+    # what a run killed (SIGKILL) during its second epoch leaves: last.ckpt of its first
+    last = Path(tiny_cfg.output_dir).parent / "killed" / "checkpoints" / "last.ckpt"
+    resumed, resumed_last = run(
+        tiny_cfg, "resumed", *settings, "trainer.max_epochs=2", f"ckpt_path={last}"
+    )
+    assert straight_last["epoch"] == resumed_last["epoch"] == 1  # last.ckpt is the last epoch
+    assert resumed == straight
+    weights, straight_weights = resumed_last["state_dict"], straight_last["state_dict"]
+    assert weights.keys() == straight_weights.keys()
+    for name, tensor in straight_weights.items():
+        assert torch.equal(weights[name], tensor), name
+    assert not torch.equal(first_last["state_dict"]["head.weight"], weights["head.weight"])
+
+
+def test_ctrl_c_saves_a_last_checkpoint_to_resume_from(
+    tiny_cfg: DictConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def press_ctrl_c(model: TransferModel, batch: object, batch_idx: int) -> None:
+        if model.global_step == 3:  # mid first epoch (6 batches), before any checkpoint
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(TransferModel, "on_train_batch_start", press_ctrl_c, raising=False)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):  # Lightning exits after its graceful shutdown
+            train(tiny_cfg)
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores SIGINT after the first
+    last = Path(tiny_cfg.output_dir) / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 3
+    monkeypatch.undo()
+    resumed, _ = run(tiny_cfg, "resumed", f"ckpt_path={last}")
+    assert resumed["test/acc"] >= 0
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(
+    tiny_cfg: DictConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    save, calls = torch.save, []
+
+    def full_disk(obj: object, file: object) -> None:
+        if not str(getattr(file, "name", "")).endswith(".partial"):  # not a checkpoint
+            return save(obj, file)
+        calls.append(file)
+        if len(calls) <= 2:  # best and last of epoch 0 fit, epoch 1's do not
+            return save(obj, file)
+        file.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(src.checkpoints.torch, "save", full_disk)
+    with pytest.raises(OSError) as caught:
+        train(tiny_cfg)
+    assert user_message(caught.value).startswith("disk full: No space left on device.")
+    folder = Path(tiny_cfg.output_dir) / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["best.ckpt", "last.ckpt"]  # no partials
+    assert torch.load(folder / "last.ckpt", weights_only=False)["epoch"] == 0
+
+
+def test_same_seed_same_metrics_other_seed_other_metrics(tiny_cfg: DictConfig) -> None:
+    first, _ = run(tiny_cfg, "first", "seed=1")
+    again, _ = run(tiny_cfg, "again", "seed=1")
+    other, _ = run(tiny_cfg, "other", "seed=2")
+    assert first == again
+    assert first["test/loss"] != other["test/loss"]
+    assert first["before/test_loss"] != other["before/test_loss"]
+
+
+def test_runs_started_in_the_same_second_get_their_own_dirs() -> None:
+    def run_dir() -> str:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name="train", return_hydra_config=True)
+        return str(cfg.hydra.run.dir)
+
+    first, second = run_dir(), run_dir()
+    while first[:-7] != second[:-7]:  # straddled a second: try again
+        first, second = run_dir(), run_dir()
+    assert first != second
