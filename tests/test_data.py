@@ -59,9 +59,10 @@ def test_extensions_in_any_case_and_other_files_ignored(tmp_path):
         ):
             Image.new("RGB", (8, 8), "red").save(folder / f"x{ext}", format=fmt)
         (folder / "notes.txt").write_text("not an image")
-    data = ImageFolderData(str(tmp_path), image_size=8, val_fraction=0.0)
-    assert len(data.train_split.paths) == 10
-    assert not any(p.suffix == ".txt" for p in data.train_split.paths)
+    data = ImageFolderData(str(tmp_path), image_size=8, val_fraction=0.2)
+    paths = data.train_split.paths + data.val_split.paths
+    assert len(paths) == 10
+    assert not any(p.suffix == ".txt" for p in paths)
 
 
 @pytest.mark.parametrize(

@@ -42,7 +42,7 @@ def backbone_of(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def test_frozen_run_leaves_the_backbone_bitwise_unchanged(tiny_cfg, tmp_path):
     start = weights_file(tmp_path)
-    state = run(tiny_cfg, **{"backbone.weights": str(start), "cache_features": "false"})
+    state = run(tiny_cfg, **{"backbone.weights": str(start), "cache_features": False})
     reference = {
         k.removeprefix("features."): v
         for k, v in torch.load(start).items()
@@ -72,8 +72,8 @@ def test_unfrozen_run_changes_the_backbone(tiny_cfg, tmp_path):
 
 
 def test_cached_and_plain_frozen_training_give_the_same_head(tiny_cfg):
-    plain = run(tiny_cfg, cache_features="false", output_dir=tiny_cfg.output_dir + "_plain")
-    cached = run(tiny_cfg, cache_features="true", output_dir=tiny_cfg.output_dir + "_cached")
+    plain = run(tiny_cfg, cache_features=False, output_dir=tiny_cfg.output_dir + "_plain")
+    cached = run(tiny_cfg, cache_features=True, output_dir=tiny_cfg.output_dir + "_cached")
     torch.testing.assert_close(cached["head.weight"], plain["head.weight"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(cached["head.bias"], plain["head.bias"], rtol=1e-4, atol=1e-5)
     assert list(Path(tiny_cfg.cache_dir).glob("*.pt"))  # the features were kept on disk
