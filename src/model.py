@@ -1,6 +1,7 @@
 """The LightningModule: a pretrained backbone, global average pooling and a new linear head."""
 
 from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from src.backbones import Backbone
+from src.finetune import Finetune, batchnorm_layers
 
 TEST_PREFIXES = {"test": "test/", "before": "before/test_"}  # phase -> metric name prefix
 
@@ -44,6 +46,11 @@ class TransferModel(L.LightningModule):
     itself, so a checkpoint carries its preprocessing (hparams: classes, image_size, backbone).
     A batch of 2-D inputs is taken as precomputed pooled features (the cached path of a frozen
     backbone) and goes to the head alone.
+
+    `finetune` (src.finetune.Finetune's fields) chooses when the backbone learns and at which lr;
+    `scheduler` is the `scheduler` config group instantiated: `build` (a partial taking the
+    optimizer, and `total_steps` when `interval` is `step`), `interval` and `monitor`.
+    `label_smoothing` applies to the training loss only, so val and test losses stay comparable.
     """
 
     def __init__(
@@ -53,9 +60,12 @@ class TransferModel(L.LightningModule):
         image_size: int = 160,
         freeze: bool = True,
         optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
+        finetune: dict[str, Any] | None = None,
+        label_smoothing: float = 0.0,
+        scheduler: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer"], logger=False)
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
         net: Backbone = instantiate(backbone)
         self.backbone = net.features
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
@@ -63,8 +73,11 @@ class TransferModel(L.LightningModule):
         self.register_buffer("mean", torch.tensor(net.mean).view(1, 3, 1, 1) * 255, False)
         self.register_buffer("std", torch.tensor(net.std).view(1, 3, 1, 1) * 255, False)
         self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.label_smoothing = label_smoothing
+        self.finetune = Finetune(**(finetune or {}))
         self.backbone_frozen = False
-        if freeze:
+        if self.finetune.frozen_at_start(freeze):
             self.freeze_backbone()
         self.metrics = nn.ModuleDict(
             {
@@ -75,24 +88,25 @@ class TransferModel(L.LightningModule):
         self.test_phase = "test"
 
     def freeze_backbone(self) -> None:
-        """Freeze the backbone for the rest of the run (see `train`)."""
+        """Freeze the backbone (for the run, or until a staged fine-tune unfreezes it)."""
         freeze(self.backbone)
         self.backbone_frozen = True
 
+    def unfreeze_backbone(self) -> None:
+        """Let the backbone learn; with `finetune.bn=frozen` its BatchNorm stays in eval mode."""
+        self.backbone.requires_grad_(True)
+        self.backbone_frozen = False
+        self.train(self.training)
+
     def train(self, mode: bool = True) -> "TransferModel":
-        """Set training mode, keeping a frozen backbone (BatchNorm, Dropout) in eval mode."""
+        """Keep a frozen backbone (or only its BatchNorm, `finetune.bn=frozen`) in eval mode."""
         super().train(mode)
         if self.backbone_frozen:
             self.backbone.eval()
+        elif self.finetune.freeze_bn:
+            for layer in batchnorm_layers(self.backbone):
+                layer.eval()
         return self
-
-    def on_train_epoch_start(self) -> None:
-        """Enter training mode each epoch.
-
-        Lightning 2.x restores the module modes it saw before an evaluation instead of calling
-        `.train()`, so the test run before `fit` would otherwise leave the model in eval mode.
-        """
-        self.train()
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features of uint8 (or 0-255 float) images."""
@@ -108,7 +122,8 @@ class TransferModel(L.LightningModule):
     ) -> torch.Tensor:
         x, y = batch
         logits = self.head(x) if x.ndim == 2 else self(x)
-        loss = F.cross_entropy(logits.float(), y)
+        smoothing = self.label_smoothing if stage == "train" else 0.0
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
         self.metrics[f"{stage}_acc"](logits, y)
         self.log(f"{prefix}loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
         self.log(
@@ -129,10 +144,77 @@ class TransferModel(L.LightningModule):
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
         self._step(batch, "test", TEST_PREFIXES[self.test_phase])
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def on_fit_start(self) -> None:
+        self.finetune.check_epochs(self.trainer.max_epochs)
+
+    def on_train_epoch_start(self) -> None:
+        """Unfreeze a staged backbone when its epoch comes (a resumed run too); enter training mode.
+
+        Lightning 2.x restores the module modes saved before an evaluation instead of calling
+        `.train()`, so a test run before `fit` would otherwise leave the model in eval mode.
+        """
+        if self.backbone_frozen and self.finetune.unfreezes_at(self.current_epoch):
+            self.unfreeze_backbone()
+        self.train()
+
+    def optimizer_step(
+        self,
+        epoch: int,
+        batch_idx: int,
+        optimizer: torch.optim.Optimizer,
+        optimizer_closure: Callable[[], Any] | None = None,
+    ) -> None:
+        """Step with the backbone's lr times its warm-up factor, then put the lr back.
+
+        The factor never stays in the param group, so any scheduler (LambdaLR, OneCycleLR, or
+        ReduceLROnPlateau, which scales the current lr) sees only its own values.
+        """
+        factor = self.finetune.backbone_lr_factor(
+            epoch, batch_idx, self.trainer.num_training_batches
+        )
+        if factor == 1.0:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        group = next(g for g in optimizer.param_groups if g.get("name") == "backbone")
+        lr = group["lr"]
+        group["lr"] = lr * factor
+        try:
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        finally:
+            group["lr"] = lr
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """What the optimizer gets: the trainable parameters, or head and backbone groups.
+
+        With a fine-tuning strategy both groups exist from the start, a staged backbone's while
+        it is still frozen, so the optimizer's groups never change during a run or on resume.
+        """
+        if not self.finetune.split_groups:
+            return [{"params": trainable_parameters(self)}]
+        backbone = list(self.backbone.parameters())
+        in_backbone = {id(p) for p in backbone}
+        head = [p for p in self.parameters() if id(p) not in in_backbone]
+        return [{"params": head, "name": "head"}, {"params": backbone, "name": "backbone"}]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
         if self.optimizer is None:
             raise RuntimeError("TransferModel needs an optimizer factory to train")
-        return self.optimizer(trainable_parameters(self))
+        optimizer = self.optimizer(self.parameter_groups())
+        for group in optimizer.param_groups:
+            if group.get("name") == "backbone":
+                group["lr"] *= self.finetune.backbone_lr_scale
+        if not self.scheduler or self.scheduler.get("build") is None:
+            return optimizer
+        build, interval = self.scheduler["build"], self.scheduler["interval"]
+        if interval == "step":
+            build = partial(build, total_steps=self.trainer.estimated_stepping_batches)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {
+                "scheduler": build(optimizer),
+                "interval": interval,
+                "monitor": self.scheduler.get("monitor"),
+            },
+        }
 
 
 def load_model(ckpt_path: str | Path) -> TransferModel:

@@ -10,16 +10,18 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from src.callbacks import EpochTimer
 from src.checkpoints import AtomicCheckpointIO, RunCheckpoint
 from src.checks import check_config, check_resume
-from src.errors import exit_on_user_error
+from src.errors import UserError, exit_on_user_error
 from src.eval import log_final_figures
 from src.features import cached_features
+from src.finetune import Finetune
+from src.lr_find import find_lr
 from src.model import TransferModel, parameter_summary, trainable_parameters
 from src.runtime import keep_freed_memory, quiet_lightning, resolve_precision
 
@@ -28,9 +30,20 @@ log = logging.getLogger(__name__)
 
 def use_cached_features(cfg: DictConfig, data: Any) -> bool:
     """Whether to train the head on precomputed features (frozen backbone, no augmentation)."""
+    possible = frozen_throughout(cfg) and data.train_transform is None
     if cfg.cache_features == "auto":
-        return bool(cfg.freeze) and data.train_transform is None
+        return possible
+    if cfg.cache_features and not possible:
+        raise UserError(
+            "cache_features=true needs a backbone frozen for the whole run and no augmentation. "
+            "Fix: cache_features=auto, or freeze=true finetune=none augment=none"
+        )
     return bool(cfg.cache_features)
+
+
+def frozen_throughout(cfg: DictConfig) -> bool:
+    """Whether the backbone never learns in this run (`freeze`, unless a fine-tune overrides)."""
+    return Finetune(**cfg.finetune).frozen_throughout(bool(cfg.freeze))
 
 
 def accelerator(cfg: DictConfig) -> str:
@@ -46,7 +59,12 @@ def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
     return {
         "backbone": cfg.backbone.name,
         "weights": str(cfg.backbone.weights),
-        "freeze": bool(cfg.freeze),
+        "freeze": frozen_throughout(cfg),
+        "finetune": cfg.finetune.name,
+        "backbone_lr_scale": cfg.finetune.get("backbone_lr_scale", 1.0),
+        "scheduler": cfg.scheduler.name,
+        "augment": cfg.augment.name,
+        "label_smoothing": cfg.label_smoothing,
         "optimizer": cfg.optimizer._target_.rsplit(".", 1)[-1],
         "lr": cfg.optimizer.lr,
         "batch_size": cfg.batch_size,
@@ -71,6 +89,9 @@ def train(cfg: DictConfig) -> float:
         image_size=cfg.image_size,
         freeze=cfg.freeze,
         optimizer=instantiate(cfg.optimizer),
+        finetune=OmegaConf.to_container(cfg.finetune, resolve=True),
+        label_smoothing=cfg.label_smoothing,
+        scheduler=instantiate(cfg.scheduler, _convert_="all"),
     )
     print(parameter_summary(model))
     if cfg.compile:
@@ -82,6 +103,8 @@ def train(cfg: DictConfig) -> float:
     )
     logger = instantiate(cfg.logger) if cfg.logger else False
     callbacks = [timer, checkpoint] + ([LearningRateMonitor("epoch")] if logger else [])
+    if cfg.early_stopping is not None:
+        callbacks.append(EarlyStopping("val/loss", patience=cfg.early_stopping, mode="min"))
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         precision=precision,
@@ -96,6 +119,8 @@ def train(cfg: DictConfig) -> float:
                 model, data, model.hparams.backbone, cfg.cache_dir, device, "bf16" in precision
             )
         )
+    if cfg.lr_find:
+        return find_lr(trainer, model, data, out)
     model.test_phase = "before"
     before = trainer.test(model, data, verbose=False)[0]
     model.test_phase = "test"
@@ -119,8 +144,9 @@ def train(cfg: DictConfig) -> float:
         logger.log_hyperparams(hyperparameters(cfg))
     (out / "result.json").write_text(json.dumps(result, indent=2))
     log_final_figures(trainer, model, data)  # confusion matrix, Grad-CAM (TensorBoard only)
+    finetune = f" finetune={cfg.finetune.name}" if cfg.finetune.name != "none" else ""
     print(
-        f"RESULT backbone={cfg.backbone.name} freeze={bool(cfg.freeze)} "
+        f"RESULT backbone={cfg.backbone.name} freeze={result['freeze']}{finetune} "
         f"before_test_acc={before['before/test_acc']:.4f} test_acc={after['test/acc']:.4f} "
         f"test_loss={after['test/loss']:.4f}"
     )
