@@ -93,6 +93,9 @@ class Recorder(L.Callback):
         self.backbone_lrs: list[float] = []
         self.stop_after = stop_after
 
+    def on_fit_start(self, trainer, model) -> None:
+        self.backbone_at_start = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+
     def on_train_batch_start(self, trainer, model, batch, batch_idx) -> None:
         if batch_idx == 0:
             self.start[trainer.current_epoch] = state(trainer, model)
@@ -180,10 +183,8 @@ def test_batchnorm_after_unfreezing(image_root: Path, tmp_path: Path, bn: str) -
     """bn=frozen: BatchNorm layers stay in eval mode and keep their running statistics while
     their weights learn; bn=train: they train and their statistics move."""
     cfg = tiny(image_root, tmp_path, "finetune=full", f"finetune.bn={bn}")
-    model, _ = build(cfg)
-    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     recorder, model, _ = fit(cfg, tmp_path)
-    after = model.backbone.state_dict()
+    before, after = recorder.backbone_at_start, model.backbone.state_dict()
     stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
     weights = [name for name, _ in model.backbone.named_parameters()]
     assert stats
