@@ -46,11 +46,21 @@ COLUMNS = [
 ]
 
 
+def user_error(err: BaseException) -> UserError | None:
+    """The UserError behind `err`, if any (Hydra's `instantiate` wraps what it raises)."""
+    while err is not None and not isinstance(err, UserError):
+        err = err.__cause__
+    return err
+
+
 def error_line(err: BaseException) -> str:
     """One line for an error: a UserError's message, else `Type: first line of the message`."""
+    err = user_error(err) or err
     lines = str(err).strip().splitlines()
     first = lines[0] if lines else ""
-    return first if isinstance(err, UserError) else f"{type(err).__name__}: {first}".rstrip(": ")
+    if isinstance(err, UserError):
+        return first
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
 def record_failure(
@@ -74,7 +84,7 @@ def record_failure(
         try:
             return main(cfg)
         except Exception as err:
-            log.error("job failed: %s", error_line(err), exc_info=not isinstance(err, UserError))
+            log.error("job failed: %s", error_line(err), exc_info=user_error(err) is None)
             target = str(OmegaConf.select(cfg, "optimizer._target_", default="") or "")
             result = {
                 "backbone": OmegaConf.select(cfg, "backbone.name", default=None),

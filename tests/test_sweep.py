@@ -11,11 +11,13 @@ from typing import Any
 import pytest
 from conftest import CONF_DIR, compose_cfg, make_folder
 from hydra import compose, initialize_config_dir
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-from src.summary import COLUMNS, write_summary
+from src.summary import COLUMNS, error_line, write_summary
 from src.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,6 +129,14 @@ def test_summary_adds_an_objective_that_is_not_a_standard_column(tmp_path: Path)
     assert [row["overrides"] for row in rows] == ["a=2", "a=1"]
     header = (tmp_path / "summary.csv").read_text().splitlines()[0].split(",")
     assert header[header.index("best_epoch") - 1] == "train/acc"
+
+
+def test_error_line_is_the_user_error_behind_hydra_instantiate(tmp_path: Path) -> None:
+    with pytest.raises(InstantiationException) as caught:
+        instantiate({"_target_": "src.data.ImageFolderData", "root": str(tmp_path)})
+    assert error_line(caught.value).startswith(f"no training folder {tmp_path}/training. Fix:")
+    assert error_line(ValueError("bad value\nmore detail")) == "ValueError: bad value"
+    assert error_line(KeyError()) == "KeyError"
 
 
 def test_ddp_trains_on_two_cpu_processes(
