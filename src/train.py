@@ -24,8 +24,10 @@ from src.finetune import Finetune
 from src.lr_find import find_lr
 from src.model import TransferModel, parameter_summary, trainable_parameters
 from src.runtime import keep_freed_memory, quiet_lightning, resolve_precision
+from src.summary import record_failure
 
 log = logging.getLogger(__name__)
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: see `__main__` below
 
 
 def use_cached_features(cfg: DictConfig, data: Any) -> bool:
@@ -126,14 +128,15 @@ def train(cfg: DictConfig) -> float:
     model.test_phase = "test"
     trainer.fit(model, data, ckpt_path=cfg.ckpt_path)
     after = trainer.test(model, data, ckpt_path="best", verbose=False)[0]
-    best_path = checkpoint.best_model_path
+    best = torch.load(checkpoint.best_model_path, mmap=True, weights_only=False)
     result = {
         **hyperparameters(cfg),
         **before,
         **after,
         "trainable_params": sum(p.numel() for p in trainable_parameters(model)),
         "total_params": sum(p.numel() for p in model.parameters()),
-        "best_epoch": torch.load(best_path, mmap=True, weights_only=False)["epoch"],
+        "val/acc": float(best["callbacks"][checkpoint.state_key]["best_model_score"]),
+        "best_epoch": int(best["epoch"]),
         "first_epoch_s": timer.seconds[0] if timer.seconds else None,
         "mean_epoch_s": sum(timer.seconds) / len(timer.seconds) if timer.seconds else None,
         "wall_s": time.perf_counter() - start,
@@ -154,7 +157,8 @@ def train(cfg: DictConfig) -> float:
 
 
 @exit_on_user_error
-@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
+@record_failure
 def main(cfg: DictConfig) -> float:
     """Command-line entry: Hydra composes `cfg` from conf/ and the overrides."""
     keep_freed_memory()
@@ -162,4 +166,10 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the importable src.train's main, not this __main__ copy's: a launcher that pickles the
+    # job (joblib) then refers to src.train's functions by name, where pickling them by value
+    # fails (cloudpickle collects `torch.classes`, which it cannot pickle). Hydra finds the
+    # configs of a function from an imported module by package, hence the absolute CONF_DIR.
+    import src.train
+
+    src.train.main()
