@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from src.data import decode_all
 from src.features import extract
 from src.model import TransferModel
-from src.runtime import bf16_supported, keep_freed_memory
+from src.runtime import bf16_supported, keep_freed_memory, quiet_lightning
 
 N_TRAIN, N_TEST, SIZE, BATCH, CLASSES = 1344, 150, 160, 32, 6
 
@@ -160,6 +160,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=6, help="timed batches per rate")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "RESULTS.md")
     args = parser.parse_args()
+    quiet_lightning()
     torch.manual_seed(0)
     images = torch.randint(0, 256, (N_TRAIN + N_TEST, 3, SIZE, SIZE), dtype=torch.uint8)
     labels = torch.randint(0, CLASSES, (N_TRAIN + N_TEST,))
