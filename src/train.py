@@ -76,6 +76,20 @@ def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+def build_model(cfg: DictConfig, classes: list[str]) -> TransferModel:
+    """The network, loss, optimizer and fine-tuning schedule that `cfg` asks for."""
+    return TransferModel(
+        backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
+        classes=classes,
+        image_size=cfg.image_size,
+        freeze=cfg.freeze,
+        optimizer=instantiate(cfg.optimizer),
+        finetune=OmegaConf.to_container(cfg.finetune, resolve=True),
+        label_smoothing=cfg.label_smoothing,
+        scheduler=instantiate(cfg.scheduler, _convert_="all"),
+    )
+
+
 def train(cfg: DictConfig) -> float:
     """Test, train, test again; log and checkpoint under `cfg.output_dir`; return the objective."""
     start = time.perf_counter()
@@ -85,16 +99,7 @@ def train(cfg: DictConfig) -> float:
     out = Path(cfg.output_dir)
     data = instantiate(cfg.data)
     check_resume(cfg.ckpt_path, cfg.backbone.name, data.classes, cfg.freeze)
-    model = TransferModel(
-        backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
-        classes=data.classes,
-        image_size=cfg.image_size,
-        freeze=cfg.freeze,
-        optimizer=instantiate(cfg.optimizer),
-        finetune=OmegaConf.to_container(cfg.finetune, resolve=True),
-        label_smoothing=cfg.label_smoothing,
-        scheduler=instantiate(cfg.scheduler, _convert_="all"),
-    )
+    model = build_model(cfg, data.classes)
     print(parameter_summary(model))
     if cfg.compile:
         model.backbone.compile()

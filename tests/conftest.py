@@ -44,20 +44,22 @@ def compose_cfg(overrides: list[str], output_dir: Path) -> DictConfig:
     return cfg
 
 
+def tiny_overrides(root: Path) -> list[str]:
+    """A fast CPU run: random-init MobileNetV2, 32 px, folder `root`, 2 epochs, no logger."""
+    return [
+        "backbone.weights=null",
+        "data=imagefolder",
+        f"data.root={root}",
+        "image_size=32",
+        "batch_size=4",
+        "trainer=cpu",
+        "trainer.max_epochs=2",
+        "logger=none",
+        "precision=32-true",
+    ]
+
+
 @pytest.fixture
 def tiny_cfg(image_root: Path, tmp_path: Path) -> DictConfig:
-    """A fast CPU run: random-init MobileNetV2 at 32 px on the tiny folder, 2 epochs, no logger."""
-    return compose_cfg(
-        [
-            "backbone.weights=null",
-            "data=imagefolder",
-            f"data.root={image_root}",
-            "image_size=32",
-            "batch_size=4",
-            "trainer=cpu",
-            "trainer.max_epochs=2",
-            "logger=none",
-            "precision=32-true",
-        ],
-        tmp_path / "run",
-    )
+    """`tiny_overrides` on the tiny folder, writing under tmp_path/run."""
+    return compose_cfg(tiny_overrides(image_root), tmp_path / "run")

@@ -31,7 +31,8 @@ def test_every_option_composes(tmp_path, group, option):
     overrides = [f"{group}={option}", "data.root=somewhere"]
     cfg = compose_cfg(overrides, tmp_path)
     OmegaConf.resolve(cfg)
-    assert cfg[group] is not None
+    if group not in {"experiment", "hparams_search"}:  # those two write global keys
+        assert cfg[group] is not None
 
 
 @pytest.mark.parametrize("value", ["true", "false"])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_cfg, make_folder
+from conftest import compose_cfg, make_folder, tiny_overrides
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import DictConfig, open_dict
 
@@ -36,23 +36,9 @@ from src.train import train
     ],
 )
 def test_wrong_values_in_overrides(tiny_cfg: DictConfig, override: str, expected: str) -> None:
-    cfg = compose_cfg([*tiny_overrides(tiny_cfg), override], Path(tiny_cfg.output_dir))
+    cfg = compose_cfg([*tiny_overrides(tiny_cfg.data.root), override], Path(tiny_cfg.output_dir))
     with pytest.raises(UserError, match=f"^{re.escape(expected)}"):
         train(cfg)
-
-
-def tiny_overrides(cfg: DictConfig) -> list[str]:
-    """The overrides that made the `tiny_cfg` fixture."""
-    return [
-        "backbone.weights=null",
-        "data=imagefolder",
-        f"data.root={cfg.data.root}",
-        "image_size=32",
-        "batch_size=4",
-        "trainer=cpu",
-        "logger=none",
-        "precision=32-true",
-    ]
 
 
 def test_data_root_not_set(tmp_path: Path) -> None:
@@ -63,7 +49,9 @@ def test_data_root_not_set(tmp_path: Path) -> None:
 
 def test_gpu_trainer_without_a_gpu(tiny_cfg: DictConfig, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    cfg = compose_cfg([*tiny_overrides(tiny_cfg), "trainer=gpu"], Path(tiny_cfg.output_dir))
+    cfg = compose_cfg(
+        [*tiny_overrides(tiny_cfg.data.root), "trainer=gpu"], Path(tiny_cfg.output_dir)
+    )
     with pytest.raises(UserError, match=r"trainer.accelerator=gpu but torch finds no CUDA GPU"):
         train(cfg)
 

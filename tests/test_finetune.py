@@ -7,12 +7,12 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from src.errors import UserError
 from src.finetune import Finetune, batchnorm_layers
 from src.model import TransferModel
-from src.train import train
+from src.train import build_model, train
 from tests.conftest import compose_cfg
 
 LR = 1e-3
@@ -58,17 +58,7 @@ def staged_cfg(image_root: Path, out: Path, *overrides: str) -> DictConfig:
 def build(cfg: DictConfig) -> tuple[TransferModel, L.LightningDataModule]:
     """The model and data that `train(cfg)` builds."""
     data = instantiate(cfg.data)
-    model = TransferModel(
-        backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
-        classes=data.classes,
-        image_size=cfg.image_size,
-        freeze=cfg.freeze,
-        optimizer=instantiate(cfg.optimizer),
-        finetune=OmegaConf.to_container(cfg.finetune, resolve=True),
-        label_smoothing=cfg.label_smoothing,
-        scheduler=instantiate(cfg.scheduler, _convert_="all"),
-    )
-    return model, data
+    return build_model(cfg, data.classes), data
 
 
 def state(trainer: L.Trainer, model: TransferModel) -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF_DIR, compose_cfg
+from conftest import CONF_DIR, compose_cfg, tiny_overrides
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -24,27 +24,12 @@ def run(cfg: DictConfig, name: str, *overrides: str) -> tuple[dict, dict]:
     """Train `cfg` with `overrides` in its own dir: its result.json (less timings and
     max_epochs) and its last checkpoint."""
     replaced = {o.split("=")[0] for o in overrides}
-    base = [a for a in cfg_overrides(cfg) if a.split("=")[0] not in replaced]
+    base = [a for a in tiny_overrides(cfg.data.root) if a.split("=")[0] not in replaced]
     out = Path(cfg.output_dir).parent / name
     train(compose_cfg([*base, *overrides], out))
     result = json.loads((out / "result.json").read_text())
     last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
     return {k: v for k, v in result.items() if k not in TIMINGS}, last
-
-
-def cfg_overrides(cfg: DictConfig) -> list[str]:
-    """The overrides of the `tiny_cfg` fixture."""
-    return [
-        "backbone.weights=null",
-        "data=imagefolder",
-        f"data.root={cfg.data.root}",
-        "image_size=32",
-        "batch_size=4",
-        "trainer=cpu",
-        "trainer.max_epochs=2",
-        "logger=none",
-        "precision=32-true",
-    ]
 
 
 @pytest.mark.parametrize("freeze", ["true", "false"])  # cached features; images
