@@ -211,8 +211,8 @@ def log_final_figures(trainer: L.Trainer, model: TransferModel, data: ImageFolde
     logger.experiment.flush()
 
 
-@hydra.main(config_path="../conf", config_name="eval", version_base="1.3")
 @exit_on_user_error
+@hydra.main(config_path="../conf", config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Command-line entry: Hydra composes `cfg` from conf/eval.yaml and the overrides."""
     evaluate(cfg)

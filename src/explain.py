@@ -100,8 +100,8 @@ def explain(cfg: DictConfig) -> list[Path]:
     return written
 
 
-@hydra.main(config_path="../conf", config_name="explain", version_base="1.3")
 @exit_on_user_error
+@hydra.main(config_path="../conf", config_name="explain", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Command-line entry: Hydra composes `cfg` from conf/explain.yaml and the overrides."""
     explain(cfg)

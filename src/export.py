@@ -115,8 +115,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     return info
 
 
-@hydra.main(config_path="../conf", config_name="export", version_base="1.3")
 @exit_on_user_error
+@hydra.main(config_path="../conf", config_name="export", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Command-line entry: Hydra composes `cfg` from conf/export.yaml and the overrides."""
     export(cfg)

@@ -131,8 +131,8 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     return records
 
 
-@hydra.main(config_path="../conf", config_name="predict", version_base="1.3")
 @exit_on_user_error
+@hydra.main(config_path="../conf", config_name="predict", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Command-line entry: Hydra composes `cfg` from conf/predict.yaml and the overrides."""
     predict(cfg)

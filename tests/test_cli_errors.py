@@ -63,3 +63,20 @@ def test_one_line_exit_2(runs: dict[str, tuple[int, str, str]], name: str) -> No
 def test_hydra_full_error_shows_the_traceback(runs: dict[str, tuple[int, str, str]]) -> None:
     code, stderr, _ = runs["full"]
     assert code == 1 and "Traceback" in stderr and "MissingConfigException" in stderr
+
+
+@pytest.mark.parametrize("command", ["src.eval", "src.predict", "src.explain", "src.export"])
+def test_other_commands_report_config_errors_on_one_line(command: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    done = subprocess.run(
+        [sys.executable, "-m", command, "bogus=1"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert lines == ["error: Could not override 'bogus'. To append to your config use +bogus=1"]
