@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
-from conftest import CONF_DIR, compose_cfg, make_folder
+from conftest import CONF_DIR, compose_cfg, make_folder, tiny_overrides
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 from PIL import Image
@@ -49,19 +49,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny MobileNetV2 (32 px, 3 colour classes) trained once, with TensorBoard logging."""
     tmp = tmp_path_factory.mktemp("tiny")
     root = make_folder(tmp / "data", per_class=8, validation=4)
-    cfg = compose_cfg(
-        [
-            "backbone.weights=null",
-            "data=imagefolder",
-            f"data.root={root}",
-            "image_size=32",
-            "batch_size=4",
-            "trainer=cpu",
-            "trainer.max_epochs=2",
-            "precision=32-true",
-        ],
-        tmp / "run",
-    )
+    overrides = [o for o in tiny_overrides(root) if o != "logger=none"]  # TensorBoard on
+    cfg = compose_cfg(overrides, tmp / "run")
     train(cfg)
     return {"root": root, "run": tmp / "run", "ckpt": tmp / "run/checkpoints/best.ckpt"}
 
