@@ -10,10 +10,11 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
+from src.data import decode_all
 from src.errors import UserError, exit_on_user_error
 from src.figures import gradcam_figure
 from src.model import TransferModel
-from src.predict import image_paths, load_checkpoint, logits, pick_device, read_images
+from src.predict import image_paths, load_checkpoint, logits, pick_device
 
 # A late convolutional feature map of each backbone (a module name in TransferModel):
 # MobileNetV2's final 1x1 conv block, VGG19's last ReLU before the final max pool (conv5_4, as in
@@ -78,7 +79,7 @@ def explain(cfg: DictConfig) -> list[Path]:
     classes = list(model.hparams.classes)
     if cfg.target is not None and cfg.target not in classes:
         raise UserError(f"unknown target class {cfg.target!r}. Fix: target=one of {classes}")
-    images = read_images(paths, model.hparams.image_size)
+    images = decode_all(paths, model.hparams.image_size)
     device = pick_device(cfg.device)
     probs = logits(model, images, device).softmax(1)
     predicted = probs.argmax(1).tolist()

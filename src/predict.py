@@ -9,9 +9,8 @@ from typing import Any
 import hydra
 import torch
 from omegaconf import DictConfig
-from PIL import UnidentifiedImageError
 
-from src.data import IMAGE_EXTENSIONS, decode, list_images
+from src.data import IMAGE_EXTENSIONS, decode_all, list_images
 from src.errors import UserError, exit_on_user_error
 from src.model import TransferModel, load_model
 
@@ -52,19 +51,6 @@ def image_paths(inputs: str | None) -> list[Path]:
         kinds = " ".join(sorted(IMAGE_EXTENSIONS))
         raise UserError(f"no images ({kinds}) directly in folder {path}. {fix}")
     return paths
-
-
-def read_images(paths: list[Path], size: int) -> torch.Tensor:
-    """The images as one (N, 3, size, size) uint8 tensor, preprocessed as in training."""
-    images = []
-    for path in paths:
-        try:
-            images.append(decode(path, size))
-        except (UnidentifiedImageError, OSError) as err:
-            raise UserError(
-                f"cannot read image {path}: {err}. Fix: remove it or convert it"
-            ) from err
-    return torch.stack(images)
 
 
 def pick_device(name: str) -> torch.device:
@@ -112,7 +98,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
         raise UserError(f"top_k={cfg.top_k} must be at least 1. Fix: top_k=3")
     paths = image_paths(cfg.inputs)
     model = load_checkpoint(cfg.ckpt_path)
-    images = read_images(paths, model.hparams.image_size)
+    images = decode_all(paths, model.hparams.image_size)
     probs = logits(model, images, pick_device(cfg.device)).softmax(1)
     tops = top_k(probs, list(model.hparams.classes), cfg.top_k)
     out = Path(cfg.output_dir)
