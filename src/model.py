@@ -14,6 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from src.backbones import Backbone
 from src.finetune import Finetune, batchnorm_layers
+from src.runtime import train_strided_depthwise_in_fp32
 
 TEST_PREFIXES = {"test": "test/", "before": "before/test_"}  # phase -> metric name prefix
 
@@ -68,6 +69,7 @@ class TransferModel(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
         net: Backbone = instantiate(backbone)
         self.backbone = net.features
+        train_strided_depthwise_in_fp32(self.backbone)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Linear(net.num_features, len(classes))
         self.register_buffer("mean", torch.tensor(net.mean).view(1, 3, 1, 1) * 255, False)
@@ -108,10 +110,14 @@ class TransferModel(L.LightningModule):
                 layer.eval()
         return self
 
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's input for uint8 (or 0-255 float) images, in channels_last."""
+        x = (images.float() - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last)
+
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features of uint8 (or 0-255 float) images."""
-        x = (images.float() - self.mean) / self.std
-        return self.pool(self.backbone(x.contiguous(memory_format=torch.channels_last)))
+        return self.pool(self.backbone(self.normalise(images)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits."""

@@ -4,12 +4,13 @@ import os
 
 import pytest
 import torch
+from torch import nn
 
 import src.features
 from src.data import ImageFolderData
-from src.features import cache_key, cached_features
+from src.features import cache_key, cached_features, fold_batchnorm
+from src.finetune import batchnorm_layers
 from src.model import TransferModel
-from src.runtime import bf16_supported, keep_freed_memory, resolve_precision
 
 BACKBONE = {
     "_target_": "src.backbones.torchvision_backbone",
@@ -62,11 +63,19 @@ def test_features_match_the_model(data):
         torch.testing.assert_close(features["val"], model.eval().features(images))
 
 
-def test_precision_auto_follows_the_hardware():
-    assert resolve_precision("32-true", "cpu") == "32-true"
-    expected = "bf16-mixed" if bf16_supported("cpu") else "32-true"
-    assert resolve_precision("auto", "cpu") == expected
-
-
-def test_allocator_setting_applies_on_glibc_linux():
-    assert keep_freed_memory()
+def test_folding_batchnorm_keeps_the_features_and_leaves_the_model_alone():
+    model = TransferModel(BACKBONE, ["a", "b"], 32, freeze=True)
+    for bn in batchnorm_layers(model.backbone):  # statistics other than the identity 0/1
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.5, 0.5)
+    folded = fold_batchnorm(model.backbone)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert len(batchnorm_layers(model.backbone)) == 52
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = model.features(images)
+        got = model.pool(folded(model.normalise(images)))
+    assert expected.abs().max() > 1e-3  # a real signal, not the vanishing one of random BN
+    assert (got - expected).norm() / expected.norm() < 1e-5

@@ -1,0 +1,40 @@
+"""Process-level speed settings: allocator, precision, float32 strided depthwise training."""
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from src.runtime import (
+    StridedDepthwiseConv2d,
+    bf16_supported,
+    keep_freed_memory,
+    resolve_precision,
+    train_strided_depthwise_in_fp32,
+)
+
+
+def test_precision_auto_follows_the_hardware():
+    assert resolve_precision("32-true", "cpu") == "32-true"
+    expected = "bf16-mixed" if bf16_supported("cpu") else "32-true"
+    assert resolve_precision("auto", "cpu") == expected
+
+
+def test_allocator_setting_applies_on_glibc_linux():
+    assert keep_freed_memory()
+
+
+def test_strided_depthwise_convolutions_train_in_float32_under_cpu_bf16():
+    backbone = torchvision.models.mobilenet_v2().features
+    keys = list(backbone.state_dict())
+    assert train_strided_depthwise_in_fp32(backbone) == 4
+    assert list(backbone.state_dict()) == keys
+    layer = next(m for m in backbone.modules() if isinstance(m, StridedDepthwiseConv2d))
+    x = torch.randn(2, layer.in_channels, 16, 16).bfloat16()
+    args = (None, layer.stride, layer.padding, layer.dilation, layer.groups)
+    in_fp32 = F.conv2d(x.float(), layer.weight, *args).bfloat16()
+    in_bf16 = F.conv2d(x, layer.weight.bfloat16(), *args)
+    assert not torch.equal(in_fp32, in_bf16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(layer(x), in_fp32)  # training: float32
+        with torch.no_grad():
+            assert torch.equal(layer(x), in_bf16)  # inference: the bf16 kernel
