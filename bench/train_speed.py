@@ -3,17 +3,22 @@
 1,494 images at 160 px (1,344 train, 150 test), batch 32, random weights, for MobileNetV2 and
 VGG19: the plain frozen loop (fp32, default memory format and allocator, backbone recomputed every
 epoch), this project's cached frozen run for 50 epochs (feature extraction included, Lightning
-Trainer), and full fine-tune steps. Prints a table and writes it to bench/RESULTS.md.
+Trainer), and full fine-tune steps, plain and this project's. Prints a table and writes it to
+bench/RESULTS.md.
 
     python bench/train_speed.py [--epochs 50] [--backbones mobilenet_v2 vgg19]
 """
 
 import argparse
+import ctypes
+import ctypes.util
+import gc
 import os
 import platform
 import resource
 import tempfile
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -44,27 +49,41 @@ def rate(step, images_per_call: int, calls: int, warmup: int = 2) -> float:
     return images_per_call * calls / (time.perf_counter() - start)
 
 
-def plain_epoch_seconds(name: str, calls: int) -> float:
-    """Seconds per epoch of a plain frozen loop: fp32, NCHW, backbone run on every batch."""
+def plain_network(name: str, frozen: bool) -> nn.Sequential:
+    """torchvision's backbone -> pooling -> Linear, fp32 and NCHW, as a plain loop builds it."""
     backbone = torchvision.models.get_model(name, weights=None).features
-    backbone.eval().requires_grad_(False)
     num_features = backbone(torch.zeros(1, 3, 64, 64)).shape[1]
-    head = nn.Linear(num_features, CLASSES)
-    optimizer = torch.optim.RMSprop(head.parameters(), lr=1e-4)
+    if frozen:
+        backbone.eval().requires_grad_(False)
+    pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return nn.Sequential(backbone, pool, nn.Linear(num_features, CLASSES))
+
+
+def plain_step(net: nn.Sequential) -> Callable[[], None]:
+    """One plain training step (forward, backward, RMSprop) on a random batch."""
+    optimizer = torch.optim.RMSprop([p for p in net.parameters() if p.requires_grad], lr=1e-4)
     x = torch.randn(BATCH, 3, SIZE, SIZE)
     y = torch.randint(0, CLASSES, (BATCH,))
 
-    def train_step() -> None:
-        logits = head(F.adaptive_avg_pool2d(backbone(x), 1).flatten(1))
+    def step() -> None:
         optimizer.zero_grad()
-        F.cross_entropy(logits, y).backward()
+        F.cross_entropy(net(x), y).backward()
         optimizer.step()
+
+    return step
+
+
+def plain_epoch_seconds(name: str, calls: int) -> float:
+    """Seconds per epoch of a plain frozen loop: the backbone runs on every batch."""
+    net = plain_network(name, frozen=True)
+    x = torch.randn(BATCH, 3, SIZE, SIZE)
 
     def eval_step() -> None:
         with torch.no_grad():
-            head(F.adaptive_avg_pool2d(backbone(x), 1).flatten(1))
+            net(x)
 
-    return N_TRAIN / rate(train_step, BATCH, calls) + N_TEST / rate(eval_step, BATCH, calls)
+    train = rate(plain_step(net), BATCH, calls)
+    return N_TRAIN / train + N_TEST / rate(eval_step, BATCH, calls)
 
 
 def make_model(name: str, frozen: bool) -> TransferModel:
@@ -157,7 +176,18 @@ def cpu_model() -> str:
     )
 
 
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS measurement from the memory in use now (Linux, glibc)."""
+    gc.collect()
+    ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)  # give back what earlier parts freed
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+
+
 def peak_rss_gib() -> float:
+    """Peak resident memory of this process since start or the last reset_peak_rss."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
@@ -174,14 +204,20 @@ def main() -> None:
     labels = torch.randint(0, CLASSES, (N_TRAIN + N_TEST,))
     bf16 = bf16_supported("cpu")
 
-    plain = {name: plain_epoch_seconds(name, args.calls) for name in args.backbones}
-    plain_rss = peak_rss_gib()  # measured before this project's settings touch the process
+    plain, plain_finetune = {}, {}
+    for name in args.backbones:  # before this program's allocator setting touches the process
+        plain[name] = plain_epoch_seconds(name, args.calls)
+        plain_finetune[name] = rate(
+            plain_step(plain_network(name, frozen=False).train()), BATCH, args.calls
+        )
+    plain_rss = peak_rss_gib()
     keep_freed_memory()
     rows = []
     for name in args.backbones:
+        reset_peak_rss()
         extract_s, cached_s = cached_run(name, images, labels, args.epochs, bf16)
+        cached_rss = peak_rss_gib()
         extract_rate = len(images) / extract_s
-        gflop = forward_gflop(name)
         rows.append(
             {
                 "backbone": name,
@@ -189,12 +225,13 @@ def main() -> None:
                 "plain s/epoch": plain[name],
                 f"plain {args.epochs} epochs s": plain[name] * args.epochs,
                 "extract img/s": extract_rate,
-                "extract GFLOP/s": gflop * extract_rate,
+                "extract GFLOP/s": forward_gflop(name) * extract_rate,
                 "cached s/epoch (after extract)": (cached_s - extract_s) / args.epochs,
                 f"cached {args.epochs} epochs s": cached_s,
                 "plain/cached": plain[name] * args.epochs / cached_s,
+                "cached run peak RSS GiB": cached_rss,
+                "plain fine-tune img/s": plain_finetune[name],
                 "fine-tune img/s": finetune_rate(name, bf16, args.calls),
-                "peak RSS GiB": peak_rss_gib(),
             }
         )
     peak_bf16 = matmul_peak_gflops(torch.bfloat16) if bf16 else float("nan")
@@ -204,11 +241,13 @@ def main() -> None:
         f"# Training speed: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "",
         f"1,494 images at {SIZE} px ({N_TRAIN} train, {N_TEST} test), batch {BATCH}, random "
-        f"weights. Plain: fp32, NCHW, default allocator, backbone every epoch (peak RSS "
-        f"{plain_rss:.2f} GiB). Cached: extraction once (bf16={bf16} autocast, channels_last, "
-        f"BatchNorm folded into the convolutions), then {args.epochs} Lightning epochs on the "
-        f"features. Fine-tune: bf16={bf16} autocast + channels_last (strided depthwise "
-        "convolutions in float32), forward + backward + RMSprop step.",
+        "weights, one process. Plain (measured first): torchvision layers in fp32, NCHW, glibc's "
+        "default malloc settings; frozen runs the backbone every epoch (peak RSS "
+        f"{plain_rss:.2f} GiB). Cached: this program's allocator setting, extraction once "
+        f"(bf16={bf16} autocast, channels_last, BatchNorm folded into the convolutions), then "
+        f"{args.epochs} Lightning epochs on the features. Fine-tune: bf16={bf16} autocast + "
+        "channels_last (strided depthwise convolutions in float32), forward + backward + "
+        "RMSprop step.",
         "",
         "| " + " | ".join(keys) + " |",
         "|" + "---|" * len(keys),
