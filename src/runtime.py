@@ -62,7 +62,8 @@ class StridedDepthwiseConv2d(nn.Conv2d):
 def train_strided_depthwise_in_fp32(module: nn.Module) -> int:
     """Make `module`'s strided depthwise convolutions StridedDepthwiseConv2d; returns how many.
 
-    Only the class changes: parameters, state-dict keys and outputs stay the same.
+    Only the class changes: parameters and state-dict keys stay the same, and so do outputs
+    except for the rounding of CPU bf16 training.
     """
     layers = [
         m
