@@ -1,16 +1,14 @@
 """Evaluate a checkpoint on a test set: `python -m src.eval ckpt_path=... [data=...]`.
 
 Writes `report.md`, `metrics.json`, `confusion_matrix.png` and `misclassified.png` in the run
-dir and logs the figures to TensorBoard. `log_final_figures` logs a training run's final test.
+dir and logs the figures to TensorBoard.
 """
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
 import hydra
-import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
@@ -25,13 +23,8 @@ from torchmetrics.functional.classification import (
 
 from src.data import ImageFolderData, decode_all
 from src.errors import UserError, exit_on_user_error
-from src.explain import TARGET_LAYERS, gradcam, target_layer
-from src.figures import confusion_matrix_figure, gradcam_figure, image_grid_figure
-from src.model import TransferModel
-from src.predict import load_checkpoint, logits, pick_device
-
-log = logging.getLogger(__name__)
-GRADCAM_IMAGES = 6  # the training run's heatmaps: the first test image of each class, at most
+from src.figures import confusion_matrix_figure, image_grid_figure
+from src.inference import chunks, load_checkpoint, logits, pick_device
 
 
 def class_metrics(preds: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
@@ -112,7 +105,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise UserError(f"no test images in {data.root}. Fix: data.root=<a folder with images>")
     images = decode_all(split.paths, data.image_size)
     labels = torch.tensor(split.labels)
-    scores = logits(model, images, pick_device(cfg.device), cfg.batch_size)
+    scores = logits(model, chunks(images, cfg.batch_size), pick_device(cfg.device))
     probs = scores.softmax(1)
     preds = probs.argmax(1)
     wrong = (preds != labels).nonzero().flatten()
@@ -167,48 +160,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     print(report.split("## Confusion matrix")[0].rstrip())
     print(f"\nreport written to {out / 'report.md'}")
     return metrics
-
-
-def log_final_figures(trainer: L.Trainer, model: TransferModel, data: ImageFolderData) -> None:
-    """Log the final test's confusion matrix and Grad-CAM heatmaps of a few fixed test images.
-
-    Only with a TensorBoard logger. Predictions use the test's inputs (cached features or
-    images) and precision, so the matrix matches the logged `test/acc` (over the whole test
-    set: the Trainer's `limit_test_batches` does not apply here).
-    """
-    logger = trainer.logger
-    if not isinstance(logger, TensorBoardLogger):
-        return
-    classes = list(model.hparams.classes)
-    preds, labels = [], []
-    model.eval()
-    with torch.inference_mode(), trainer.precision_plugin.forward_context():
-        for x, y in data.test_dataloader():
-            x = x.to(model.device)
-            preds.append((model.head(x) if x.ndim == 2 else model(x)).argmax(1).cpu())
-            labels.append(y)
-    matrix = multiclass_confusion_matrix(torch.cat(preds), torch.cat(labels), len(classes))
-    step = trainer.global_step
-    logger.experiment.add_figure(
-        "test/confusion_matrix", confusion_matrix_figure(matrix, classes), step
-    )
-    if model.hparams.backbone["name"] not in TARGET_LAYERS:
-        log.warning(
-            "no default Grad-CAM layer for %s: no heatmaps logged", model.hparams.backbone["name"]
-        )
-        return
-    split = data.test_split
-    picks = [split.labels.index(c) for c in sorted(set(split.labels))][:GRADCAM_IMAGES]
-    images = decode_all([split.paths[i] for i in picks], data.image_size)
-    probs = logits(model, images, model.device).softmax(1)
-    predicted = probs.argmax(1).tolist()
-    heatmaps = gradcam(model, images, predicted, target_layer(model), model.device)
-    left = [f"true: {classes[split.labels[i]]}" for i in picks]
-    right = [f"Grad-CAM: {classes[p]} ({probs[k, p]:.2f})" for k, p in enumerate(predicted)]
-    logger.experiment.add_figure(
-        "test/gradcam", gradcam_figure(images, heatmaps, left, right), step
-    )
-    logger.experiment.flush()
 
 
 @exit_on_user_error

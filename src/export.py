@@ -7,6 +7,8 @@ checks the exported model's logits against the checkpoint's on a sample batch.
 import json
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,17 +52,30 @@ def contract(model: TransferModel, fmt: str, file: str) -> dict[str, Any]:
     }
 
 
+@contextmanager
+def traceable() -> Iterator[None]:
+    """Attention as plain operators: a frozen model's nn.MultiheadAttention (torchvision's ViT)
+    would otherwise take the fused fast path, which neither exporter can trace."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
 def export_onnx(model: TransferModel, sample: torch.Tensor, path: Path) -> None:
     """ONNX with a dynamic batch size (the TorchScript-based exporter: no onnxscript needed)."""
-    torch.onnx.export(
-        model,
-        (sample,),
-        str(path),
-        dynamo=False,
-        input_names=["images"],
-        output_names=["logits"],
-        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-    )
+    with traceable():
+        torch.onnx.export(
+            model,
+            (sample,),
+            str(path),
+            dynamo=False,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+        )
 
 
 def run_onnx(path: Path, images: torch.Tensor) -> torch.Tensor:
@@ -90,25 +105,32 @@ def export(cfg: DictConfig) -> dict[str, Any]:
             export_onnx(model, sample, path)
             exported = run_onnx(path, check)
         else:
-            model.to_torchscript(path, method="trace", example_inputs=sample)
+            with traceable():
+                model.to_torchscript(path, method="trace", example_inputs=sample)
             with torch.inference_mode():
                 exported = torch.jit.load(path)(check)
     with torch.inference_mode():
         expected = model(check)
     diff = float((exported - expected).abs().max())
+    allowed = cfg.tolerance * max(1.0, float(expected.abs().max()))
     info = contract(model, cfg.format, path.name) | {
         "checkpoint": str(cfg.ckpt_path),
-        "parity": {"max_abs_diff": diff, "tolerance": cfg.tolerance, "batch": cfg.check_batch},
+        "parity": {
+            "max_abs_diff": diff,
+            "tolerance": cfg.tolerance,
+            "allowed": allowed,
+            "batch": cfg.check_batch,
+        },
     }
     (out / "model.json").write_text(json.dumps(info, indent=2))
-    verdict = "ok" if math.isfinite(diff) and diff <= cfg.tolerance else "FAILED"
+    verdict = "ok" if math.isfinite(diff) and diff <= allowed else "FAILED"
     print(
         f"{cfg.format} parity on {cfg.check_batch} images: max abs diff {diff:.3g} "
-        f"(tolerance {cfg.tolerance:g}): {verdict}"
+        f"(allowed {allowed:.3g}): {verdict}"
     )
     if verdict != "ok":
         raise UserError(
-            f"the exported {path} differs from the checkpoint by {diff:.3g} > {cfg.tolerance:g}: "
+            f"the exported {path} differs from the checkpoint by {diff:.3g} > {allowed:.3g}: "
             "do not ship it. Fix: try the other format, or report the backbone and versions"
         )
     print(f"exported {path} with its contract {out / 'model.json'}")

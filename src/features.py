@@ -2,25 +2,49 @@
 
 import copy
 import hashlib
+import itertools
 import json
 import logging
 import os
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import PIL
 import torch
+import torchvision
+from filelock import FileLock
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from src.data import ImageFolderData, decode_all
+from src.inference import apply, chunks
 from src.model import TransferModel
 
 log = logging.getLogger(__name__)
+FOLD_TOLERANCE = 1e-3  # largest relative change of folded features accepted (float32 rounding)
 
 
-def cache_key(backbone: dict[str, Any], data: ImageFolderData, precision: str) -> str:
-    """Hash of everything the features depend on: backbone, weights, size, precision, files."""
+def versions() -> dict[str, str]:
+    """The libraries whose changes can change decoded images or features."""
+    try:
+        import timm
+
+        timm_version = timm.__version__
+    except ImportError:
+        timm_version = None
+    return {
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm_version,
+        "pillow": PIL.__version__,
+    }
+
+
+def cache_key(
+    backbone: dict[str, Any], data: ImageFolderData, precision: str, device: torch.device
+) -> str:
+    """Hash of everything the features depend on: backbone, weights, size, precision, device
+    type, library versions and the files (path, size, mtime)."""
     weights = backbone.get("weights")
     files = {
         name: [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in split.paths]
@@ -31,54 +55,80 @@ def cache_key(backbone: dict[str, Any], data: ImageFolderData, precision: str) -
             (weights, Path(weights).stat().st_size, Path(weights).stat().st_mtime_ns)
         ]
     key = {
-        "format": 1,  # bump when decoding or extraction changes
+        "format": 2,  # bump when decoding or extraction changes
         "backbone": backbone,
         "image_size": data.image_size,
         "precision": precision,
-        "torch": torch.__version__,
+        "device": device.type,
+        "versions": versions(),
         "files": files,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def fold_batchnorm(backbone: nn.Module) -> nn.Module:
-    """A copy of an eval-mode backbone with each BatchNorm folded into the convolution before it.
-
-    Same outputs with one pass over memory fewer per layer (MobileNetV2 extraction +30%). Folds
-    the Conv2d -> BatchNorm2d pairs of nn.Sequential containers, as torchvision builds them.
-    """
-    folded = copy.deepcopy(backbone)
-    for container in folded.modules():
-        if not isinstance(container, nn.Sequential):
-            continue
+def folded_pairs(backbone: nn.Module) -> list[tuple[nn.Module, str, str]]:
+    """(container, conv name, norm name) for each convolution registered right before its
+    BatchNorm (torchvision's Sequential blocks, timm's conv/bn attribute pairs)."""
+    pairs = []
+    for container in backbone.modules():
         names = list(container._modules)
         for conv_name, bn_name in zip(names, names[1:], strict=False):
             conv, bn = container._modules[conv_name], container._modules[bn_name]
-            if isinstance(conv, nn.Conv2d) and type(bn) is nn.BatchNorm2d:
-                container._modules[conv_name] = fuse_conv_bn_eval(conv, bn)
-                container._modules[bn_name] = nn.Identity()
+            if (
+                isinstance(conv, nn.Conv2d)
+                and isinstance(bn, nn.BatchNorm2d)
+                and bn.track_running_stats
+                and bn.num_features == conv.out_channels
+                and (type(bn) is nn.BatchNorm2d or hasattr(bn, "act"))
+            ):
+                pairs.append((container, conv_name, bn_name))
+    return pairs
+
+
+def fold_batchnorm(backbone: nn.Module, sample: torch.Tensor) -> nn.Module:
+    """A copy of an eval-mode backbone with each BatchNorm folded into the convolution before it,
+    or the backbone itself when the folded copy's features on `sample` differ.
+
+    Same outputs with one pass over memory fewer per layer (MobileNetV2 extraction +30%). timm's
+    BatchNormAct2d keeps its activation. Registration order is not always call order, so the
+    copy is checked against the original in float32 before it is used.
+    """
+    folded = copy.deepcopy(backbone)
+    pairs = folded_pairs(folded)
+    for container, conv_name, bn_name in pairs:
+        conv, bn = container._modules[conv_name], container._modules[bn_name]
+        container._modules[conv_name] = fuse_conv_bn_eval(conv, bn)
+        rest = [] if type(bn) is nn.BatchNorm2d else [bn.drop, bn.act]
+        container._modules[bn_name] = nn.Sequential(*rest) if rest else nn.Identity()
+    if not pairs:
+        return backbone
+    with torch.inference_mode():
+        expected, got = backbone(sample), folded(sample)
+    error = float((got - expected).norm() / expected.norm().clamp_min(1e-30))
+    if error > FOLD_TOLERANCE:
+        log.info("BatchNorm folding changes the features by %.2g: extracting unfolded", error)
+        return backbone
     return folded
 
 
-@torch.inference_mode()
 def extract(
     model: TransferModel,
-    images: torch.Tensor,
+    batches: list[torch.Tensor] | Any,
     device: torch.device,
     bf16: bool,
-    batch_size: int = 64,
 ) -> torch.Tensor:
-    """Pooled features of uint8 images, in float32, computed in eval mode."""
-    model.eval().to(device)
-    backbone = fold_batchnorm(model.backbone)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    chunks = []
-    with autocast:
-        for start in range(0, len(images), batch_size):
-            x = model.normalise(images[start : start + batch_size].to(device))
-            chunks.append(model.pool(backbone(x)).float().cpu())
+    """Pooled features of uint8 image batches, in float32, computed in eval mode."""
+    model.eval()
+    batches = iter(batches)
+    first = next(batches)
+    sample = model.normalise(first[:2])
+    backbone = fold_batchnorm(model.backbone, sample).to(device)
+    model.to(device)
+    features = apply(
+        lambda x: backbone(model.normalise(x)), itertools.chain([first], batches), device, bf16
+    )
     model.cpu()
-    return torch.cat(chunks)
+    return features
 
 
 def cached_features(
@@ -88,23 +138,39 @@ def cached_features(
     cache_dir: str | Path | None,
     device: torch.device,
     bf16: bool,
+    batch_size: int = 64,
 ) -> dict[str, torch.Tensor]:
-    """Features of every split: from `cache_dir` when valid, else extracted (and saved there)."""
+    """Features of every split: from `cache_dir` when valid, else extracted (and saved there).
+
+    A file lock beside the cache file makes concurrent jobs with the same key (a sweep's
+    parallel jobs) extract once: the first extracts, the others wait and read its file.
+    """
     precision = "bf16" if bf16 else "fp32"
-    path = Path(cache_dir) / f"{cache_key(backbone, data, precision)}.pt" if cache_dir else None
-    if path is not None and path.is_file():
-        log.info("features from cache %s", path)
-        return torch.load(path, weights_only=True)
+    if cache_dir is None:
+        return extract_splits(model, data, device, bf16, batch_size)
+    path = Path(cache_dir) / f"{cache_key(backbone, data, precision, device)}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(path.with_suffix(".lock")):
+        if path.is_file():
+            log.info("features from cache %s", path)
+            return torch.load(path, weights_only=True)
+        features = extract_splits(model, data, device, bf16, batch_size)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(features, partial)
+        os.replace(partial, path)  # atomic: a reader without the lock sees all or nothing
+        log.info("features cached in %s", path)
+    return features
+
+
+def extract_splits(
+    model: TransferModel, data: ImageFolderData, device: torch.device, bf16: bool, batch_size: int
+) -> dict[str, torch.Tensor]:
+    """Extract each split's features (the test split reuses val's when it is the val split)."""
     features = {}
     for name, split in data.splits().items():
         if name == "test" and data.test_is_val:
             features[name] = features["val"]
             continue
-        features[name] = extract(model, decode_all(split.paths, data.image_size), device, bf16)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save(features, partial)
-        os.replace(partial, path)  # atomic: a concurrent job sees the whole file or none
-        log.info("features cached in %s", path)
+        images = decode_all(split.paths, data.image_size)
+        features[name] = extract(model, chunks(images, batch_size), device, bf16)
     return features

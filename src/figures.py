@@ -1,11 +1,21 @@
-"""Matplotlib figures of what a model learned: confusion matrix, image grids, Grad-CAM overlays."""
+"""Matplotlib figures of what a model learned: confusion matrix, image grids, Grad-CAM overlays;
+and a training run's final figures in TensorBoard."""
 
 import math
 
+import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.figure import Figure
 from pytorch_grad_cam.utils.image import show_cam_on_image
+from torchmetrics.functional.classification import multiclass_confusion_matrix
+
+from src.data import ImageFolderData, decode_all
+from src.inference import chunks, gradcam, logits, target_layer
+from src.model import TransferModel
+
+GRADCAM_IMAGES = 6  # the training run's heatmaps: the first test image of each class, at most
 
 
 def confusion_matrix_figure(matrix: torch.Tensor, classes: list[str]) -> Figure:
@@ -67,3 +77,38 @@ def gradcam_figure(
             ax.set_title(text, fontsize=11)
             ax.axis("off")
     return fig
+
+
+def log_final_figures(
+    trainer: L.Trainer, model: TransferModel, data: ImageFolderData, bf16: bool
+) -> None:
+    """Log the final test's confusion matrix and Grad-CAM heatmaps of a few fixed test images.
+
+    Only with a TensorBoard logger. Predictions use the test's inputs (cached features or
+    images) and precision, so the matrix matches the logged `test/acc` (over the whole test
+    set: the Trainer's `limit_test_batches` does not apply here).
+    """
+    logger = trainer.logger
+    if not isinstance(logger, TensorBoardLogger):
+        return
+    classes = list(model.hparams.classes)
+    loader = data.test_dataloader()
+    scores = logits(model, (x for x, _ in loader), model.device, bf16)
+    labels = torch.cat([y for _, y in loader])
+    matrix = multiclass_confusion_matrix(scores.argmax(1), labels, len(classes))
+    step = trainer.global_step
+    logger.experiment.add_figure(
+        "test/confusion_matrix", confusion_matrix_figure(matrix, classes), step
+    )
+    split = data.test_split
+    picks = [split.labels.index(c) for c in sorted(set(split.labels))][:GRADCAM_IMAGES]
+    images = decode_all([split.paths[i] for i in picks], data.image_size)
+    probs = logits(model, [images], model.device).softmax(1)
+    predicted = probs.argmax(1).tolist()
+    heatmaps = gradcam(model, chunks(images, 16), predicted, target_layer(model), model.device)
+    left = [f"true: {classes[split.labels[i]]}" for i in picks]
+    right = [f"Grad-CAM: {classes[p]} ({probs[k, p]:.2f})" for k, p in enumerate(predicted)]
+    logger.experiment.add_figure(
+        "test/gradcam", gradcam_figure(images, heatmaps, left, right), step
+    )
+    logger.experiment.flush()

@@ -1,5 +1,6 @@
-"""The LightningModule: a pretrained backbone, global average pooling and a new linear head."""
+"""The LightningModule: a pretrained backbone (with its own pooling) and a new linear head."""
 
+import re
 from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
@@ -17,6 +18,8 @@ from src.finetune import Finetune, batchnorm_layers
 from src.runtime import train_strided_depthwise_in_fp32
 
 TEST_PREFIXES = {"test": "test/", "before": "before/test_"}  # phase -> metric name prefix
+RECORD = "lightning_transfer"  # the checkpoint's own entry: format version, settings, split
+VERSION = 2
 
 
 def freeze(module: nn.Module) -> None:
@@ -41,7 +44,7 @@ def parameter_summary(module: nn.Module) -> str:
 
 
 class TransferModel(L.LightningModule):
-    """Backbone -> global average pooling -> Linear(num_features, classes).
+    """Backbone (body + the model's own pre-logits pooling) -> Linear(num_features, classes).
 
     Takes uint8 RGB images (N, 3, H, W), resized to `image_size` square, and normalises them
     itself, so a checkpoint carries its preprocessing (hparams: classes, image_size, backbone).
@@ -67,10 +70,10 @@ class TransferModel(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
-        net: Backbone = instantiate(backbone)
-        self.backbone = net.features
+        net: Backbone = instantiate(backbone, image_size=image_size)
+        self.backbone = net.module
+        self.spec = net  # what Grad-CAM and extraction need to know about this backbone
         train_strided_depthwise_in_fp32(self.backbone)
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Linear(net.num_features, len(classes))
         self.register_buffer("mean", torch.tensor(net.mean).view(1, 3, 1, 1) * 255, False)
         self.register_buffer("std", torch.tensor(net.std).view(1, 3, 1, 1) * 255, False)
@@ -88,6 +91,10 @@ class TransferModel(L.LightningModule):
             }
         )
         self.test_phase = "test"
+        self.record: dict[str, Any] = {}  # the run's settings and split, saved in checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[RECORD] = {"version": VERSION, **self.record}
 
     def freeze_backbone(self) -> None:
         """Freeze the backbone (for the run, or until a staged fine-tune unfreezes it)."""
@@ -117,7 +124,7 @@ class TransferModel(L.LightningModule):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features of uint8 (or 0-255 float) images."""
-        return self.pool(self.backbone(self.normalise(images)))
+        return self.backbone(self.normalise(images))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits."""
@@ -223,11 +230,30 @@ class TransferModel(L.LightningModule):
         }
 
 
+def upgrade(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint of version 1 (before backbones kept their own pooling) in today's layout.
+
+    Version 1 held torchvision's `.features` as `backbone.*` and named timm's TF EfficientNet-
+    Lite0 `efficientnet_lite0`, which in timm is another architecture.
+    """
+    if RECORD in ckpt:
+        return ckpt
+    hparams = dict(ckpt["hyper_parameters"])
+    backbone = dict(hparams["backbone"])
+    state = ckpt["state_dict"]
+    if backbone["_target_"].endswith("torchvision_backbone"):
+        state = {re.sub(r"^backbone\.", "backbone.features.", k): v for k, v in state.items()}
+    elif backbone["name"] == "efficientnet_lite0":
+        backbone["name"] = "tf_efficientnet_lite0"
+    return {**ckpt, "hyper_parameters": hparams | {"backbone": backbone}, "state_dict": state}
+
+
 def load_model(ckpt_path: str | Path) -> TransferModel:
     """A trained model from a checkpoint, built offline (the checkpoint holds all weights)."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = upgrade(torch.load(ckpt_path, map_location="cpu", weights_only=False))
     hparams = dict(ckpt["hyper_parameters"])
     hparams["backbone"] = {**hparams["backbone"], "weights": None}
     model = TransferModel(**hparams)
     model.load_state_dict(ckpt["state_dict"])
+    model.record = ckpt.get(RECORD, {})
     return model.eval()

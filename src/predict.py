@@ -2,7 +2,6 @@
 
 import csv
 import json
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -12,28 +11,7 @@ from omegaconf import DictConfig
 
 from src.data import IMAGE_EXTENSIONS, decode_all, list_images
 from src.errors import UserError, exit_on_user_error
-from src.model import TransferModel, load_model
-
-CKPT_FIX = (
-    "Fix: ckpt_path=outputs/<date>/<time>/checkpoints/best.ckpt (a training run's checkpoint)"
-)
-
-
-def load_checkpoint(ckpt_path: str | None) -> TransferModel:
-    """The trained model in `ckpt_path`, or a UserError naming what is wrong with the path."""
-    if not ckpt_path:
-        raise UserError(f"no checkpoint given. {CKPT_FIX}")
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} not found. {CKPT_FIX}")
-    try:
-        return load_model(path)
-    except (pickle.UnpicklingError, RuntimeError, OSError, KeyError, TypeError) as err:
-        first = (str(err).strip().splitlines() or [""])[0]
-        raise UserError(
-            f"cannot load checkpoint {path} ({type(err).__name__}: {first}): not a checkpoint of "
-            f"src.train. {CKPT_FIX}"
-        ) from err
+from src.inference import chunks, load_checkpoint, logits, pick_device
 
 
 def image_paths(inputs: str | None) -> list[Path]:
@@ -51,26 +29,6 @@ def image_paths(inputs: str | None) -> list[Path]:
         kinds = " ".join(sorted(IMAGE_EXTENSIONS))
         raise UserError(f"no images ({kinds}) directly in folder {path}. {fix}")
     return paths
-
-
-def pick_device(name: str) -> torch.device:
-    """`auto`: the GPU when there is one, else the CPU; otherwise the named device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-@torch.inference_mode()
-def logits(
-    model: TransferModel, images: torch.Tensor, device: torch.device, batch_size: int = 64
-) -> torch.Tensor:
-    """Class logits (N, classes) of uint8 images, in float32 on the CPU."""
-    model.eval().to(device)
-    chunks = [
-        model(images[start : start + batch_size].to(device)).float().cpu()
-        for start in range(0, len(images), batch_size)
-    ]
-    return torch.cat(chunks)
 
 
 def top_k(probs: torch.Tensor, classes: list[str], k: int) -> list[list[tuple[str, float]]]:
@@ -99,7 +57,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     paths = image_paths(cfg.inputs)
     model = load_checkpoint(cfg.ckpt_path)
     images = decode_all(paths, model.hparams.image_size)
-    probs = logits(model, images, pick_device(cfg.device)).softmax(1)
+    probs = logits(model, chunks(images, 64), pick_device(cfg.device)).softmax(1)
     tops = top_k(probs, list(model.hparams.classes), cfg.top_k)
     out = Path(cfg.output_dir)
     records = [

@@ -2,6 +2,7 @@
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import sys
 import warnings
@@ -43,12 +44,13 @@ def bf16_supported(accelerator: str) -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-class StridedDepthwiseConv2d(nn.Conv2d):
+class StridedDepthwise:
     """A strided depthwise convolution that trains in float32 under CPU bf16 autocast.
 
-    oneDNN (3.12, AVX-512 bf16) has no fast bf16 kernel for this layer's backward pass: in a
-    MobileNetV2 step at batch 32, its 4 such layers took 170 of 450 ms in bf16 and 35 ms in
-    float32 (71 -> 108 img/s). Inference and other devices use the plain bf16 path.
+    A mixin over the layer's own class (nn.Conv2d, timm's Conv2dSame...). oneDNN (3.12,
+    AVX-512 bf16) has no fast bf16 kernel for this layer's backward pass: in a MobileNetV2 step at
+    batch 32, its 4 such layers took 170 of 450 ms in bf16 and 35 ms in float32 (71 -> 108
+    img/s). Inference and other devices use the plain bf16 path.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,9 +60,25 @@ class StridedDepthwiseConv2d(nn.Conv2d):
                 return super().forward(x.float()).to(x.dtype)
         return super().forward(x)
 
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        """Pickle (ddp_spawn, deepcopy) by the layer's own class: this one is made at run time."""
+        return _strided_depthwise, (type(self).__mro__[2], self.__dict__)
+
+
+@functools.cache
+def strided_depthwise_class(base: type[nn.Conv2d]) -> type[nn.Conv2d]:
+    """`base` with StridedDepthwise's forward."""
+    return type(f"StridedDepthwise{base.__name__}", (StridedDepthwise, base), {})
+
+
+def _strided_depthwise(base: type[nn.Conv2d], state: dict) -> nn.Conv2d:
+    layer = strided_depthwise_class(base).__new__(strided_depthwise_class(base))
+    layer.__setstate__(state)
+    return layer
+
 
 def train_strided_depthwise_in_fp32(module: nn.Module) -> int:
-    """Make `module`'s strided depthwise convolutions StridedDepthwiseConv2d; returns how many.
+    """Give `module`'s strided depthwise convolutions StridedDepthwise's forward; returns how many.
 
     Only the class changes: parameters and state-dict keys stay the same, and so do outputs
     except for the rounding of CPU bf16 training.
@@ -68,10 +86,13 @@ def train_strided_depthwise_in_fp32(module: nn.Module) -> int:
     layers = [
         m
         for m in module.modules()
-        if type(m) is nn.Conv2d and m.groups == m.in_channels > 1 and m.stride != (1, 1)
+        if isinstance(m, nn.Conv2d)
+        and not isinstance(m, StridedDepthwise)
+        and m.groups == m.in_channels > 1
+        and m.stride != (1, 1)
     ]
     for layer in layers:
-        layer.__class__ = StridedDepthwiseConv2d
+        layer.__class__ = strided_depthwise_class(type(layer))
     return len(layers)
 
 

@@ -18,7 +18,6 @@ from src.callbacks import EpochTimer
 from src.checkpoints import AtomicCheckpointIO, RunCheckpoint
 from src.checks import check_config, check_resume
 from src.errors import UserError, exit_on_user_error
-from src.eval import log_final_figures
 from src.features import cached_features
 from src.finetune import Finetune
 from src.lr_find import find_lr
@@ -151,7 +150,10 @@ def train(cfg: DictConfig) -> float:
     elif logger:
         logger.log_hyperparams(hyperparameters(cfg))
     (out / "result.json").write_text(json.dumps(result, indent=2))
-    log_final_figures(trainer, model, data)  # confusion matrix, Grad-CAM (TensorBoard only)
+    if isinstance(logger, TensorBoardLogger):  # confusion matrix, Grad-CAM
+        from src.figures import log_final_figures  # matplotlib and Grad-CAM: only when used
+
+        log_final_figures(trainer, model, data, "bf16" in precision)
     finetune = f" finetune={cfg.finetune.name}" if cfg.finetune.name != "none" else ""
     print(
         f"RESULT backbone={cfg.backbone.name} freeze={result['freeze']}{finetune} "

@@ -44,10 +44,11 @@ def compose_cfg(overrides: list[str], output_dir: Path) -> DictConfig:
     return cfg
 
 
-def tiny_overrides(root: Path) -> list[str]:
-    """A fast CPU run: random-init MobileNetV2, 32 px, folder `root`, 2 epochs, no logger."""
+def tiny_overrides(root: Path, weights: Path | str = "null") -> list[str]:
+    """A fast CPU run: MobileNetV2 (`weights`: random init, or a file such as
+    `calibrated_mobilenet_v2`'s), 32 px, folder `root`, 2 epochs, no logger."""
     return [
-        "backbone.weights=null",
+        f"backbone.weights={weights}",
         "data=imagefolder",
         f"data.root={root}",
         "image_size=32",
@@ -61,5 +62,43 @@ def tiny_overrides(root: Path) -> list[str]:
 
 @pytest.fixture
 def tiny_cfg(image_root: Path, tmp_path: Path) -> DictConfig:
-    """`tiny_overrides` on the tiny folder, writing under tmp_path/run."""
-    return compose_cfg(tiny_overrides(image_root), tmp_path / "run")
+    """`tiny_overrides` on the tiny folder with a calibrated MobileNetV2 (features that carry
+    signal), writing under tmp_path/run."""
+    weights = calibrated_mobilenet_v2(image_root, tmp_path / "calibrated.pth")
+    return compose_cfg(tiny_overrides(image_root, weights), tmp_path / "run")
+
+
+def calibrate_batchnorm(module: torch.nn.Module, images: torch.Tensor) -> torch.nn.Module:
+    """Set every BatchNorm's running statistics to those of `images` (normalised inputs).
+
+    A randomly initialised backbone in eval mode normalises with mean 0 / variance 1, so its
+    activations shrink layer by layer (MobileNetV2's features end near 1e-8): tests of the
+    backbone path would then pass with a wrong backbone. Calibrated, its features carry signal.
+    """
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average over the calibration batch
+    module.train()
+    with torch.no_grad():
+        module(images)
+    for bn in norms:
+        bn.momentum = 0.1
+    return module.eval()
+
+
+def calibrated_mobilenet_v2(root: Path, path: Path, size: int = 32) -> Path:
+    """A random MobileNetV2 state dict calibrated on the training images of `root`, saved."""
+    import torchvision
+
+    from src.data import decode, list_images
+
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(weights=None)
+    paths = [p for c in sorted((root / "training").iterdir()) for p in list_images(c)]
+    images = torch.stack([decode(p, size) for p in paths]).float() / 255
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    calibrate_batchnorm(model.features, (images - mean) / std)
+    torch.save(model.state_dict(), path)
+    return path

@@ -10,8 +10,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CASES = {  # name -> (overrides, the start of the line users see)
     "backbone": (
-        ["backbone=resnet50"],
-        "unknown backbone 'resnet50'. Fix: backbone=one of efficientnet_lite0, mobilenet_v2, vgg19",
+        ["backbone=resnet5"],
+        "unknown backbone 'resnet5'. Fix: backbone=one of convnext_tiny, efficientnet_b0, "
+        "efficientnet_lite0, mobilenet_v2, mobilenet_v3_large, resnet50, timm, torchvision, vgg19, "
+        "vit_b_16",
+    ),
+    "backbone_name": (
+        ["backbone=torchvision", "backbone.name=resnet5O", "hydra.run.dir={tmp}/run2"],
+        "unknown torchvision model 'resnet5O' (did you mean resnet50",
     ),
     "optimizer": (
         ["optimizer=adm"],
@@ -36,7 +42,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str, 
     (tmp / "a_file").write_text("")
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     commands = {name: ([a.format(tmp=tmp) for a in args], env) for name, (args, _) in CASES.items()}
-    commands["full"] = (["backbone=resnet50"], env | {"HYDRA_FULL_ERROR": "1"})
+    commands["full"] = (["backbone=resnet5"], env | {"HYDRA_FULL_ERROR": "1"})
     procs = {
         name: subprocess.Popen(
             [sys.executable, "-m", "src.train", *args],

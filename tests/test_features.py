@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from conftest import calibrate_batchnorm
 from torch import nn
 
 import src.features
@@ -11,6 +12,8 @@ from src.data import ImageFolderData
 from src.features import cache_key, cached_features, fold_batchnorm
 from src.finetune import batchnorm_layers
 from src.model import TransferModel
+
+CPU = torch.device("cpu")
 
 BACKBONE = {
     "_target_": "src.backbones.torchvision_backbone",
@@ -24,21 +27,28 @@ def data(image_root):
     return ImageFolderData(str(image_root), image_size=32, val_fraction=0.25)
 
 
-def test_key_depends_on_backbone_size_precision_and_files(data, image_root):
-    key = cache_key(BACKBONE, data, "fp32")
-    assert cache_key(BACKBONE, data, "fp32") == key
-    assert cache_key({**BACKBONE, "name": "vgg19"}, data, "fp32") != key
-    assert cache_key(BACKBONE, data, "bf16") != key
+def test_key_depends_on_backbone_size_precision_device_versions_and_files(
+    data, image_root, monkeypatch
+):
+    key = cache_key(BACKBONE, data, "fp32", CPU)
+    assert cache_key(BACKBONE, data, "fp32", CPU) == key
+    assert cache_key({**BACKBONE, "name": "vgg19"}, data, "fp32", CPU) != key
+    assert cache_key(BACKBONE, data, "bf16", CPU) != key
+    assert cache_key(BACKBONE, data, "fp32", torch.device("cuda")) != key
     bigger = ImageFolderData(str(image_root), image_size=48, val_fraction=0.25)
-    assert cache_key(BACKBONE, bigger, "fp32") != key
+    assert cache_key(BACKBONE, bigger, "fp32", CPU) != key
+    for library in ("torchvision", "timm", "pillow"):
+        with monkeypatch.context() as patch:
+            patch.setattr(src.features, "versions", lambda lib=library: {lib: "0.0"})
+            assert cache_key(BACKBONE, data, "fp32", CPU) != key
     touched = data.train_split.paths[0]
     os.utime(touched, ns=(1, 1))
-    assert cache_key(BACKBONE, data, "fp32") != key
+    assert cache_key(BACKBONE, data, "fp32", CPU) != key
 
 
 def test_valid_cache_skips_the_backbone(data, tmp_path, monkeypatch):
     model = TransferModel(BACKBONE, data.classes, 32, freeze=True)
-    first = cached_features(model, data, BACKBONE, tmp_path, torch.device("cpu"), bf16=False)
+    first = cached_features(model, data, BACKBONE, tmp_path, CPU, bf16=False)
     assert {k: v.shape for k, v in first.items()} == {
         "train": (18, 1280),
         "val": (6, 1280),
@@ -49,33 +59,73 @@ def test_valid_cache_skips_the_backbone(data, tmp_path, monkeypatch):
         raise AssertionError("the backbone ran although the cache was valid")
 
     monkeypatch.setattr(src.features, "extract", fail)
-    again = cached_features(model, data, BACKBONE, tmp_path, torch.device("cpu"), bf16=False)
+    again = cached_features(model, data, BACKBONE, tmp_path, CPU, bf16=False)
     for name in first:
         assert torch.equal(first[name], again[name])
 
 
-def test_features_match_the_model(data):
+def test_cached_features_are_the_models_own(data):
     model = TransferModel(BACKBONE, data.classes, 32, freeze=True)
-    features = cached_features(model, data, BACKBONE, None, torch.device("cpu"), bf16=False)
     data.setup()
     images = data.datasets["val"].images
+    calibrate_batchnorm(model.backbone, model.normalise(images))  # features that carry signal
+    features = cached_features(model, data, BACKBONE, None, CPU, bf16=False)
     with torch.no_grad():
-        torch.testing.assert_close(features["val"], model.eval().features(images))
+        own = model.eval().features(images)
+    assert own.std(0).mean() > 1e-2 * own.abs().mean()  # they differ between images
+    assert (features["val"] - own).norm() / own.norm() < 1e-3  # folded: float32 rounding
 
 
-def test_folding_batchnorm_keeps_the_features_and_leaves_the_model_alone():
-    model = TransferModel(BACKBONE, ["a", "b"], 32, freeze=True)
-    for bn in batchnorm_layers(model.backbone):  # statistics other than the identity 0/1
-        bn.running_mean.uniform_(-0.5, 0.5)
-        bn.running_var.uniform_(0.5, 2.0)
+def non_trivial_batchnorm(module: nn.Module, inputs: torch.Tensor) -> None:
+    """Statistics of `inputs` (features that carry signal) and affine weights other than 1/0."""
+    calibrate_batchnorm(module, inputs)
+    for bn in batchnorm_layers(module):
         bn.weight.data.uniform_(0.5, 1.5)
-        bn.bias.data.uniform_(-0.5, 0.5)
-    folded = fold_batchnorm(model.backbone)
-    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
-    assert len(batchnorm_layers(model.backbone)) == 52
-    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+        bn.bias.data.uniform_(-0.2, 0.2)
+
+
+@pytest.mark.parametrize(
+    ("backbone", "norms"),
+    [
+        (BACKBONE, 52),  # torchvision: Conv2d -> BatchNorm2d in Sequential blocks
+        (  # timm: Conv2dSame / Conv2d attributes, BatchNormAct2d with its activation
+            {
+                "_target_": "src.backbones.timm_backbone",
+                "name": "tf_efficientnet_lite0",
+                "weights": None,
+            },
+            49,
+        ),
+    ],
+)
+def test_folding_batchnorm_keeps_the_features_and_leaves_the_model_alone(backbone, norms):
+    model = TransferModel(backbone, ["a", "b"], 32, freeze=True)
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    non_trivial_batchnorm(model.backbone, model.normalise(images))
+    folded = fold_batchnorm(model.backbone, model.normalise(images[:2]))
+    assert folded is not model.backbone
+    assert not batchnorm_layers(folded)
+    assert len(batchnorm_layers(model.backbone)) == norms
     with torch.no_grad():
         expected = model.features(images)
-        got = model.pool(folded(model.normalise(images)))
-    assert expected.abs().max() > 1e-3  # a real signal, not the vanishing one of random BN
-    assert (got - expected).norm() / expected.norm() < 1e-5
+        got = folded(model.normalise(images))
+    assert expected.std(0).mean() > 1e-2 * expected.abs().mean()  # features differ by image
+    assert (got - expected).norm() / expected.norm() < 1e-4
+
+
+class CallOrder(nn.Module):
+    """A BatchNorm registered right after a convolution but applied to the input instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.bn(x)).mean((2, 3))
+
+
+def test_folding_that_would_change_the_features_is_not_used():
+    model, inputs = CallOrder().eval(), torch.randn(4, 3, 8, 8)
+    non_trivial_batchnorm(model.bn, inputs)
+    assert fold_batchnorm(model, inputs) is model

@@ -75,11 +75,29 @@ def test_all_parameters_reach_the_optimizer_when_unfrozen():
     assert len(params) == len(list(model.parameters()))
 
 
-def test_forward_takes_uint8_images_and_features_take_the_cached_path():
+def test_forward_takes_uint8_images():
     model = make("mobilenet_v2", frozen=True).eval()
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     with torch.no_grad():
         logits = model(images)
         from_features = model.head(model.features(images))
+        from_floats = model(images.float())
     assert logits.shape == (2, 6)
     torch.testing.assert_close(logits, from_features)
+    torch.testing.assert_close(logits, from_floats)
+
+
+class Untouchable(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("the backbone ran on cached features")
+
+
+def test_a_step_on_cached_features_runs_the_head_alone():
+    model = make("mobilenet_v2", frozen=True)
+    model.backbone = Untouchable()
+    features, labels = torch.randn(4, 1280), torch.tensor([0, 1, 2, 3])
+    loss = model.training_step((features, labels))
+    expected = torch.nn.functional.cross_entropy(model.head(features), labels)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert model.head.weight.grad is not None and model.head.weight.grad.abs().sum() > 0

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 import torchvision
 
 from src.runtime import (
-    StridedDepthwiseConv2d,
+    StridedDepthwise,
     bf16_supported,
     keep_freed_memory,
     resolve_precision,
@@ -28,7 +28,7 @@ def test_strided_depthwise_convolutions_train_in_float32_under_cpu_bf16():
     keys = list(backbone.state_dict())
     assert train_strided_depthwise_in_fp32(backbone) == 4
     assert list(backbone.state_dict()) == keys
-    layer = next(m for m in backbone.modules() if isinstance(m, StridedDepthwiseConv2d))
+    layer = next(m for m in backbone.modules() if isinstance(m, StridedDepthwise))
     x = torch.randn(2, layer.in_channels, 16, 16).bfloat16()
     args = (None, layer.stride, layer.padding, layer.dilation, layer.groups)
     in_fp32 = F.conv2d(x.float(), layer.weight, *args).bfloat16()
@@ -38,3 +38,24 @@ def test_strided_depthwise_convolutions_train_in_float32_under_cpu_bf16():
         assert torch.equal(layer(x), in_fp32)  # training: float32
         with torch.no_grad():
             assert torch.equal(layer(x), in_bf16)  # inference: the bf16 kernel
+
+
+def test_timm_same_padding_convolutions_keep_their_padding_and_pickle():
+    import pickle
+
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    x = torch.randn(1, 3, 33, 33)  # an odd size: 'same' padding differs from a fixed one
+    with torch.no_grad():
+        before = model(x)
+    assert train_strided_depthwise_in_fp32(model) == 4
+    layer = next(m for m in model.modules() if isinstance(m, StridedDepthwise))
+    assert type(layer).__mro__[2].__name__ == "Conv2dSame"
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+        copy = pickle.loads(pickle.dumps(model))  # as ddp_spawn sends the model to its ranks
+        assert type(next(m for m in copy.modules() if isinstance(m, StridedDepthwise))) is type(
+            layer
+        )
+        assert torch.equal(copy(x), before)

@@ -1,0 +1,115 @@
+"""What the commands share: a checkpoint's model, the device, one loop over batches, Grad-CAM."""
+
+import pickle
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from src.errors import UserError
+from src.model import TransferModel, load_model
+
+CKPT_FIX = (
+    "Fix: ckpt_path=outputs/<date>/<time>/checkpoints/best.ckpt (a training run's checkpoint)"
+)
+
+
+def load_checkpoint(ckpt_path: str | None) -> TransferModel:
+    """The trained model in `ckpt_path`, or a UserError naming what is wrong with the path."""
+    if not ckpt_path:
+        raise UserError(f"no checkpoint given. {CKPT_FIX}")
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found. {CKPT_FIX}")
+    try:
+        return load_model(path)
+    except (pickle.UnpicklingError, RuntimeError, OSError, KeyError, TypeError) as err:
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise UserError(
+            f"cannot load checkpoint {path} ({type(err).__name__}: {first}): not a checkpoint of "
+            f"src.train. {CKPT_FIX}"
+        ) from err
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto`: the GPU when there is one, else the CPU; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def chunks(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    """An in-memory tensor in batches."""
+    return (images[start : start + batch_size] for start in range(0, len(images), batch_size))
+
+
+def apply(
+    fn: Callable[[torch.Tensor], torch.Tensor | np.ndarray],
+    batches: Iterable[torch.Tensor],
+    device: torch.device,
+    bf16: bool = False,
+    grad: bool = False,
+) -> torch.Tensor:
+    """`fn` of each batch on `device`, concatenated on the CPU in float32.
+
+    The one inference loop: features, logits and Grad-CAM maps. `grad=False` runs under
+    inference mode; `bf16` under bf16 autocast (as a bf16-mixed training run computes).
+    """
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    outputs = []
+    with torch.enable_grad() if grad else torch.inference_mode(), autocast:
+        for batch in batches:
+            out = fn(batch.to(device, non_blocking=True))
+            outputs.append(torch.as_tensor(out).detach().float().cpu())
+    return torch.cat(outputs)
+
+
+def logits(
+    model: TransferModel, batches: Iterable[torch.Tensor], device: torch.device, bf16: bool = False
+) -> torch.Tensor:
+    """Class logits (N, classes) of uint8 image batches, or of pooled-feature batches (N, F)."""
+    model.eval().to(device)
+    return apply(lambda x: model.head(x) if x.ndim == 2 else model(x), batches, device, bf16)
+
+
+def target_layer(model: TransferModel, name: str | None = None) -> nn.Module:
+    """The module Grad-CAM reads: `name` (a dotted module name) or the backbone's own choice."""
+    name = name or f"backbone.{model.spec.cam_layer}"
+    try:
+        return model.get_submodule(name)
+    except AttributeError as err:
+        raise UserError(
+            f"no module {name!r} in the {model.hparams.backbone['name']} model. Fix: "
+            f"target_layer=<a module name in it, e.g. backbone.{model.spec.cam_layer}>, or null "
+            "for that default"
+        ) from err
+
+
+def gradcam(
+    model: TransferModel,
+    batches: Iterable[torch.Tensor],
+    targets: list[int],
+    layer: nn.Module,
+    device: torch.device | None = None,
+) -> np.ndarray:
+    """Grad-CAM heatmaps (N, H, W) in [0, 1] of uint8 image batches for each image's target class.
+
+    The input requires gradients, so a frozen backbone (no parameter gradients) still has
+    gradients at `layer`. Token and NHWC outputs go through the backbone's own reshape.
+    """
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    device = device or torch.device("cpu")
+    model.eval().to(device)
+    remaining = iter(targets)
+    with GradCAM(model, [layer], reshape_transform=model.spec.cam_reshape) as cam:
+
+        def heatmaps(batch: torch.Tensor) -> np.ndarray:
+            wanted = [ClassifierOutputTarget(next(remaining)) for _ in range(len(batch))]
+            return cam(batch.float().requires_grad_(), targets=wanted)
+
+        return apply(heatmaps, batches, device, grad=True).numpy()
