@@ -58,7 +58,7 @@ def test_multirun_summary_has_every_job_best_first_and_the_failed_one_last(tmp_p
     with (sweep / "summary.csv").open() as file:
         reader = csv.DictReader(file)
         rows = list(reader)
-    assert reader.fieldnames == COLUMNS
+    assert [name for name in reader.fieldnames if name in COLUMNS] == COLUMNS  # + optional ones
     assert [row["overrides"] for row in rows][-1] == "batch_size=0"  # job 0, but it failed
     assert sorted(row["overrides"] for row in rows) == [f"batch_size={b}" for b in (0, 1, 3, 8)]
     done, failed = rows[:3], rows[3]
@@ -80,6 +80,12 @@ def test_multirun_summary_has_every_job_best_first_and_the_failed_one_last(tmp_p
     table = (sweep / "summary.md").read_text()
     assert table in run.stdout and table.count("\n| ") == 5  # header and 4 jobs
     assert "Every job: `data=imagefolder data.root=data" in table
+    with (sweep / "summary_grouped.csv").open() as file:
+        grouped = sorted((g["setting"], g["n"], g["failed"]) for g in csv.DictReader(file))
+    completed = [(f"batch_size={b}", "1", "0") for b in (1, 3, 8)]  # (setting, n, failed)
+    assert grouped == [("batch_size=0", "0", "1"), *completed]
+    grouped_table = (sweep / "summary_grouped.md").read_text()
+    assert run.stdout.index(table) < run.stdout.index(grouped_table)  # printed after
 
     runs = {str(p.parent.relative_to(sweep)): p.parent for p in sweep.rglob("result.json")}
     assert len(runs) == 4 and all(name.startswith("backbone.weights=null,") for name in runs)
