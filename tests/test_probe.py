@@ -18,6 +18,15 @@ from src.probe import (
 )
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These problems are tiny: one thread is faster, and unaffected by a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def raw(z: torch.Tensor, scale_range: float, offset: float) -> torch.Tensor:
     """Features with per-feature scales 10**(-r .. r) and offsets -offset .. offset, float32."""
     dim = z.shape[1]
