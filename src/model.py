@@ -13,6 +13,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from src.backbones import Backbone
+from src.checkpoints import read_checkpoint
 from src.finetune import Finetune, batchnorm_layers
 from src.runtime import train_strided_depthwise_in_fp32
 
@@ -225,7 +226,7 @@ class TransferModel(L.LightningModule):
 
 def load_model(ckpt_path: str | Path) -> TransferModel:
     """A trained model from a checkpoint, built offline (the checkpoint holds all weights)."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(ckpt_path)
     hparams = dict(ckpt["hyper_parameters"])
     hparams["backbone"] = {**hparams["backbone"], "weights": None}
     model = TransferModel(**hparams)

@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from src.callbacks import EpochTimer
-from src.checkpoints import AtomicCheckpointIO, RunCheckpoint
+from src.checkpoints import AtomicCheckpointIO, RunCheckpoint, read_checkpoint
 from src.checks import check_config, check_resume
 from src.errors import UserError, exit_on_user_error
 from src.eval import log_final_figures
@@ -98,7 +98,7 @@ def train(cfg: DictConfig) -> float:
     L.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.output_dir)
     data = instantiate(cfg.data)
-    check_resume(cfg.ckpt_path, cfg.backbone.name, data.classes, cfg.freeze)
+    check_resume(cfg.ckpt_path, cfg, data.classes)
     model = build_model(cfg, data.classes)
     print(parameter_summary(model))
     if cfg.compile:
@@ -133,7 +133,7 @@ def train(cfg: DictConfig) -> float:
     model.test_phase = "test"
     trainer.fit(model, data, ckpt_path=cfg.ckpt_path)
     after = trainer.test(model, data, ckpt_path="best", verbose=False)[0]
-    best = torch.load(checkpoint.best_model_path, mmap=True, weights_only=False)
+    best = read_checkpoint(checkpoint.best_model_path, mmap=True)
     result = {
         **hyperparameters(cfg),
         **before,
