@@ -1,5 +1,6 @@
 """Checks before any long work: each mistake in the config or the machine is one UserError."""
 
+import logging
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -8,8 +9,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from src.checkpoints import CKPT_FIX, RECORD, read_checkpoint, upgrade
 from src.errors import UserError
 
+log = logging.getLogger(__name__)
 MAX_SEED = 2**32 - 1  # what seed_everything accepts and numpy's SeedSequence needs (>= 0)
 ABSENT = object()
 
@@ -83,9 +86,52 @@ def check_writable(folder: Path) -> None:
         ) from err
 
 
-def check_resume(ckpt_path: str | None, backbone: str, classes: list[str], freeze: bool) -> None:
-    """A UserError unless `ckpt_path` (if any) is a readable checkpoint of the same backbone,
-    classes and freeze setting as this run."""
+def run_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The settings a resumed run must share with its checkpoint, by command-line key.
+
+    The backbone; the fine-tune strategy with all its fields; `freeze` where it decides
+    (finetune=none: the others ignore it); the scheduler; and `trainer.max_epochs` for the
+    schedulers stepped every batch (cosine, onecycle), which are built for the run's total steps:
+    a resumed OneCycleLR keeps the checkpoint's total and raises once a longer run steps past
+    it, and the cosine would jump to another curve. Checkpoints carry them, as
+    `checkpoint["lightning_transfer"]["settings"]` (version 2), for `check_resume` to compare.
+    """
+    settings = model_settings(
+        cfg.backbone.name, OmegaConf.to_container(cfg.finetune, resolve=True), cfg.freeze
+    )
+    settings["scheduler"] = cfg.scheduler.name
+    if cfg.scheduler.get("interval") == "step":
+        settings["trainer.max_epochs"] = cfg.trainer.max_epochs
+    return settings
+
+
+def model_settings(backbone: str, finetune: dict[str, Any], freeze: bool) -> dict[str, Any]:
+    """The part of `run_settings` that a TransferModel's hyperparameters hold too (so checkpoints
+    written before the settings were recorded can be checked that far)."""
+    fields = {f"finetune.{key}": value for key, value in finetune.items() if key != "name"}
+    settings = {"backbone": backbone, "finetune": finetune["name"], **fields}
+    if finetune["name"] == "none":
+        settings["freeze"] = bool(freeze)
+    return settings
+
+
+def trained_settings(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The classes and settings a checkpoint was trained with: its recorded `run_settings`, else
+    (older checkpoints) those its hyperparameters hold."""
+    hparams = checkpoint["hyper_parameters"]
+    record = checkpoint.get(RECORD)
+    if record is None:
+        finetune = hparams.get("finetune") or {"name": "none"}  # none before fine-tuning existed
+        settings = model_settings(hparams["backbone"]["name"], finetune, hparams["freeze"])
+    else:
+        settings = record["settings"]
+    return {"classes": list(hparams["classes"]), **settings}
+
+
+def check_resume(ckpt_path: str | None, cfg: DictConfig, classes: list[str]) -> None:
+    """A UserError unless `ckpt_path` (if any) is a checkpoint that `read_checkpoint` accepts,
+    trained on `classes` with this run's `run_settings`. A checkpoint written before the settings
+    were recorded is checked on what its hyperparameters hold, with a warning for the rest."""
     if ckpt_path is None:
         return
     path = Path(ckpt_path)
@@ -96,28 +142,35 @@ def check_resume(ckpt_path: str | None, backbone: str, classes: list[str], freez
             f"outputs/<date>/<time>/checkpoints/last.ckpt, {fresh}"
         )
     try:
-        hparams = torch.load(path, map_location="cpu", weights_only=False, mmap=True)[
-            "hyper_parameters"
-        ]
-        trained = {
-            "backbone": hparams["backbone"]["name"],
-            "classes": list(hparams["classes"]),
-            "freeze": bool(hparams["freeze"]),
-        }
-    except Exception as err:  # torch.load raises many types for a broken or foreign file
+        checkpoint = read_checkpoint(path, mmap=True)
+    except UserError as err:  # "<path> ... Fix: ..." -> "ckpt_path=<path> ... Fix: ..., <fresh>"
+        raise UserError(f"ckpt_path={err}, {fresh}") from err
+    try:
+        trained = trained_settings(upgrade(checkpoint))
+    except (KeyError, TypeError, AttributeError) as err:
         raise UserError(
-            f"ckpt_path={ckpt_path} is not a checkpoint of this trainer ({type(err).__name__}: "
-            f"{err}). Fix: give a .ckpt file written by src.train, {fresh}"
+            f"ckpt_path={ckpt_path} is not a checkpoint of src.train ({type(err).__name__}: "
+            f"{err}). {CKPT_FIX}, {fresh}"
         ) from err
-    now = {"backbone": backbone, "classes": classes, "freeze": freeze}
-    fixes = {
-        "backbone": f"backbone={trained['backbone']}",
-        "classes": "data.root=<the folder it was trained on>",
-        "freeze": f"freeze={shown(trained['freeze'])}",
-    }
-    for key, fix in fixes.items():
-        if trained[key] != now[key]:
+    now = {"classes": classes, **run_settings(cfg)}
+    for key, value in now.items():
+        if key in trained and trained[key] != value:
+            fix = f"{key}={shown(trained[key])}"
+            why = ""
+            if key == "classes":
+                fix = "data.root=<the folder it was trained on>"
+            elif key == "trainer.max_epochs":
+                why = f" (scheduler={now['scheduler']} is built for the run's length)"
             raise UserError(
                 f"ckpt_path={ckpt_path} was trained with {key} {shown(trained[key])}, this run "
-                f"has {key} {shown(now[key])}. Fix: {fix}, {fresh}"
+                f"has {key} {shown(value)}{why}. Fix: {fix}, {fresh}"
             )
+    if unchecked := [key for key in now if key not in trained]:
+        log.warning(
+            "ckpt_path=%s predates the resume check of %s: it resumes with this run's %s, "
+            "which must be what it was trained with (see its run dir's .hydra/config.yaml), %s",
+            ckpt_path,
+            ", ".join(unchecked),
+            " ".join(f"{key}={shown(now[key])}" for key in unchecked),
+            fresh,
+        )

@@ -1,6 +1,5 @@
 """The LightningModule: a pretrained backbone (with its own pooling) and a new linear head."""
 
-import re
 from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
@@ -14,12 +13,11 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from src.backbones import Backbone
+from src.checkpoints import RECORD, VERSION, read_checkpoint, upgrade
 from src.finetune import Finetune, batchnorm_layers
 from src.runtime import train_strided_depthwise_in_fp32
 
 TEST_PREFIXES = {"test": "test/", "before": "before/test_"}  # phase -> metric name prefix
-RECORD = "lightning_transfer"  # the checkpoint's own entry: format version, settings, split
-VERSION = 2
 
 
 def freeze(module: nn.Module) -> None:
@@ -230,27 +228,9 @@ class TransferModel(L.LightningModule):
         }
 
 
-def upgrade(ckpt: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint of version 1 (before backbones kept their own pooling) in today's layout.
-
-    Version 1 held torchvision's `.features` as `backbone.*` and named timm's TF EfficientNet-
-    Lite0 `efficientnet_lite0`, which in timm is another architecture.
-    """
-    if RECORD in ckpt:
-        return ckpt
-    hparams = dict(ckpt["hyper_parameters"])
-    backbone = dict(hparams["backbone"])
-    state = ckpt["state_dict"]
-    if backbone["_target_"].endswith("torchvision_backbone"):
-        state = {re.sub(r"^backbone\.", "backbone.features.", k): v for k, v in state.items()}
-    elif backbone["name"] == "efficientnet_lite0":
-        backbone["name"] = "tf_efficientnet_lite0"
-    return {**ckpt, "hyper_parameters": hparams | {"backbone": backbone}, "state_dict": state}
-
-
 def load_model(ckpt_path: str | Path) -> TransferModel:
     """A trained model from a checkpoint, built offline (the checkpoint holds all weights)."""
-    ckpt = upgrade(torch.load(ckpt_path, map_location="cpu", weights_only=False))
+    ckpt = upgrade(read_checkpoint(ckpt_path))
     hparams = dict(ckpt["hyper_parameters"])
     hparams["backbone"] = {**hparams["backbone"], "weights": None}
     model = TransferModel(**hparams)

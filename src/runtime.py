@@ -6,12 +6,16 @@ import functools
 import logging
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
 MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's upper bound on 64-bit
+CPUINFO = Path("/proc/cpuinfo")
+BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16"}  # x86 instructions that compute in bf16
+BF16_GPU_CAPABILITY = (8, 0)  # CUDA compute capability with bf16 tensor cores (A100 on)
 
 
 def keep_freed_memory() -> bool:
@@ -37,11 +41,37 @@ def keep_freed_memory() -> bool:
     )
 
 
+def cpu_flags() -> set[str]:
+    """The x86 CPU's feature flags, from the `flags` line of /proc/cpuinfo (Linux).
+
+    Empty where there is no such line: macOS and Windows (no /proc/cpuinfo) and ARM Linux
+    (which lists `Features` instead).
+    """
+    try:
+        lines = CPUINFO.read_text().splitlines()
+    except OSError:
+        return set()
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return set()
+
+
 def bf16_supported(accelerator: str) -> bool:
-    """Whether bf16 autocast runs fast on this accelerator (native bf16 units)."""
+    """Whether `accelerator` (`gpu` or `cpu`) computes bf16 natively, so bf16 autocast is fast.
+
+    GPU: compute capability 8.0 or more (A100, H100, RTX 30xx on) of the current CUDA device
+    (the first unless set: every DDP rank decides before the Trainer picks its device, so all
+    agree); not torch.cuda.is_bf16_supported(), which is also true where bf16 is only emulated
+    (T4, V100), without its speed. CPU: bf16 instructions (AVX512_BF16: Cooper Lake, Zen 4 on;
+    AMX-BF16: Sapphire Rapids on); not mkldnn's check, which only needs AVX-512BW and so takes
+    Skylake, where oneDNN converts bf16 to float32 for each op. Other CPUs (Apple silicon, ARM,
+    any without /proc/cpuinfo) count as not native: `precision=bf16-mixed` asks for bf16 there.
+    """
     if accelerator == "gpu":
-        return torch.cuda.is_bf16_supported()
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return torch.cuda.get_device_capability() >= BF16_GPU_CAPABILITY
+    return bool(cpu_flags() & BF16_CPU_FLAGS)
 
 
 class StridedDepthwise:

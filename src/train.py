@@ -15,8 +15,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from src.callbacks import EpochTimer
-from src.checkpoints import AtomicCheckpointIO, RunCheckpoint
-from src.checks import check_config, check_resume
+from src.checkpoints import AtomicCheckpointIO, RunCheckpoint, read_checkpoint
+from src.checks import check_config, check_resume, run_settings
 from src.errors import UserError, exit_on_user_error
 from src.features import cached_features
 from src.finetune import Finetune
@@ -97,8 +97,9 @@ def train(cfg: DictConfig) -> float:
     L.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.output_dir)
     data = instantiate(cfg.data)
-    check_resume(cfg.ckpt_path, cfg.backbone.name, data.classes, cfg.freeze)
+    check_resume(cfg.ckpt_path, cfg, data.classes)
     model = build_model(cfg, data.classes)
+    model.record = {"settings": run_settings(cfg)}
     print(parameter_summary(model))
     if cfg.compile:
         model.backbone.compile()
@@ -132,7 +133,7 @@ def train(cfg: DictConfig) -> float:
     model.test_phase = "test"
     trainer.fit(model, data, ckpt_path=cfg.ckpt_path)
     after = trainer.test(model, data, ckpt_path="best", verbose=False)[0]
-    best = torch.load(checkpoint.best_model_path, mmap=True, weights_only=False)
+    best = read_checkpoint(checkpoint.best_model_path, mmap=True)
     result = {
         **hyperparameters(cfg),
         **before,

@@ -9,9 +9,10 @@ import pytest
 import torch
 from conftest import compose_cfg, make_folder, tiny_overrides
 from hydra.errors import ConfigCompositionException, MissingConfigException
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from src.checks import check_config
+from src.checkpoints import read_checkpoint
+from src.checks import check_config, check_resume, run_settings
 from src.errors import UserError, exit_on_user_error, user_message
 from src.train import train
 
@@ -65,7 +66,8 @@ def test_output_dir_that_cannot_be_written(tiny_cfg: DictConfig, tmp_path: Path)
 
 
 def fake_checkpoint(path: Path, backbone: str, classes: list[str], freeze: bool = True) -> Path:
-    """A file with the hyperparameters a TransferModel checkpoint holds."""
+    """A file with the hyperparameters a TransferModel checkpoint holds, and no record of its
+    run's settings (as checkpoints written before the record; compared on these)."""
     hparams = {"backbone": {"name": backbone}, "classes": classes, "freeze": freeze}
     torch.save({"hyper_parameters": hparams, "state_dict": {}}, path)
     return path
@@ -78,7 +80,7 @@ CLASSES = ["class_0", "class_1", "class_2"]  # those of the tiny folder
     ("checkpoint", "expected"),
     [
         ("missing", r"ckpt_path=.*missing.ckpt: no such file. Fix: the path of a checkpoint"),
-        ("garbage", r"ckpt_path=.*garbage.ckpt is not a checkpoint of this trainer"),
+        ("garbage", r"ckpt_path=.*garbage.ckpt is not a checkpoint of src.train"),
         ("vgg19", r"trained with backbone vgg19, this run has backbone mobilenet_v2\. Fix: backb"),
         ("classes", r"trained with classes \['cat', 'dog'\], this run has classes \['class_0'"),
         ("unfrozen", r"trained with freeze false, this run has freeze true. Fix: freeze=false"),
@@ -98,6 +100,115 @@ def test_checkpoint_to_resume(
         tiny_cfg.ckpt_path = str(path)
     with pytest.raises(UserError, match=expected):
         train(tiny_cfg)
+
+
+def recorded_checkpoint(path: Path, cfg: DictConfig) -> Path:
+    """A checkpoint of a run of `cfg` on CLASSES as train writes it: its hyperparameters and the
+    `lightning_transfer` record of its settings."""
+    hparams = {
+        "backbone": {"name": cfg.backbone.name},
+        "classes": CLASSES,
+        "freeze": cfg.freeze,
+        "finetune": OmegaConf.to_container(cfg.finetune, resolve=True),
+    }
+    record = {"version": 2, "settings": run_settings(cfg)}
+    torch.save({"state_dict": {}, "hyper_parameters": hparams, "lightning_transfer": record}, path)
+    return path
+
+
+def resume(tmp_path: Path, trained: list[str], now: list[str]) -> None:
+    """check_resume of a run with overrides `now` from a checkpoint of one with `trained`."""
+    base = tiny_overrides(tmp_path / "data")
+    path = recorded_checkpoint(tmp_path / "last.ckpt", compose_cfg([*base, *trained], tmp_path))
+    check_resume(str(path), compose_cfg([*base, *now], tmp_path), CLASSES)
+
+
+STAGED = "finetune=staged"
+CYCLE = "scheduler=onecycle"
+
+
+@pytest.mark.parametrize(
+    ("trained", "now", "expected"),
+    [
+        ([STAGED], [], "finetune staged, this run has finetune none. Fix: finetune=staged"),
+        (
+            [STAGED],
+            [STAGED, "finetune.unfreeze_at_epoch=1"],
+            "finetune.unfreeze_at_epoch 2, this run has finetune.unfreeze_at_epoch 1. "
+            "Fix: finetune.unfreeze_at_epoch=2",
+        ),
+        ([STAGED], [STAGED, "finetune.warmup_epochs=0"], "finetune.warmup_epochs 1, this run"),
+        ([STAGED], [STAGED, "finetune.backbone_lr_scale=1"], "finetune.backbone_lr_scale 0.1"),
+        ([STAGED], [STAGED, "finetune.bn=train"], "finetune.bn frozen, this run has finetune.bn"),
+        (["finetune=full"], ["finetune=full", "finetune.backbone_lr_scale=1"], "finetune.back"),
+        (["freeze=false"], [], "freeze false, this run has freeze true. Fix: freeze=false"),
+        (["scheduler=cosine"], [], "scheduler cosine, this run has scheduler none. Fix: schedu"),
+        (
+            ["scheduler=cosine"],
+            ["scheduler=cosine", "trainer.max_epochs=3"],
+            "trainer.max_epochs 2, this run has trainer.max_epochs 3 (scheduler=cosine is built "
+            "for the run's length). Fix: trainer.max_epochs=2, or ckpt_path=null to start afresh",
+        ),
+        ([CYCLE], [CYCLE, "trainer.max_epochs=1"], "trainer.max_epochs 2, this run has trainer"),
+    ],
+)
+def test_resume_with_other_settings(
+    tmp_path: Path, trained: list[str], now: list[str], expected: str
+) -> None:
+    with pytest.raises(
+        UserError, match=f"^ckpt_path=.*last.ckpt was trained with {re.escape(expected)}"
+    ):
+        resume(tmp_path, trained, now)
+
+
+@pytest.mark.parametrize(
+    ("trained", "now"),
+    [
+        (["scheduler=plateau"], ["scheduler=plateau", "trainer.max_epochs=5"]),  # per epoch
+        ([], ["trainer.max_epochs=5", "optimizer.lr=0.01", "batch_size=8"]),
+        ([STAGED, "freeze=true"], [STAGED, "freeze=false"]),  # staged ignores freeze
+    ],
+)
+def test_resume_with_settings_that_may_change(
+    tmp_path: Path, trained: list[str], now: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    resume(tmp_path, trained, now)
+    assert not caplog.records
+
+
+def test_checkpoint_from_before_the_record_is_checked_on_its_hyperparameters(
+    tiny_cfg: DictConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = fake_checkpoint(tmp_path / "old.ckpt", "mobilenet_v2", CLASSES)
+    check_resume(str(path), tiny_cfg, CLASSES)
+    [record] = caplog.records
+    assert record.levelname == "WARNING"
+    assert record.getMessage() == (
+        f"ckpt_path={path} predates the resume check of scheduler: it resumes with this run's "
+        "scheduler=none, which must be what it was trained with (see its run dir's "
+        ".hydra/config.yaml), or ckpt_path=null to start afresh"
+    )
+
+
+def test_onecycle_resumed_for_more_epochs_stops_before_training(
+    tiny_cfg: DictConfig, tmp_path: Path
+) -> None:
+    """A 1-epoch onecycle run resumed with trainer.max_epochs=2: the restored OneCycleLR keeps
+    its total steps and raises on the first step past them; the check stops the run first."""
+    base = [*tiny_overrides(tiny_cfg.data.root), CYCLE]
+    first = compose_cfg([*base, "trainer.max_epochs=1"], tmp_path / "first")
+    train(first)
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    unrecorded = read_checkpoint(last)  # as written before the record: the check cannot tell
+    del unrecorded["lightning_transfer"]
+    torch.save(unrecorded, tmp_path / "old.ckpt")
+    longer = [*base, "trainer.max_epochs=2"]
+    with pytest.raises(ValueError, match=r"Tried to step \d+ times. The specified number of total"):
+        train(compose_cfg([*longer, f"ckpt_path={tmp_path / 'old.ckpt'}"], tmp_path / "old"))
+    expected = "trained with trainer.max_epochs 1, this run has trainer.max_epochs 2 (scheduler="
+    with pytest.raises(UserError, match=re.escape(expected)):
+        train(compose_cfg([*longer, f"ckpt_path={last}"], tmp_path / "resumed"))
+    assert not (tmp_path / "resumed" / "checkpoints").exists()
 
 
 def test_folder_problem_raised_inside_instantiate_is_one_line(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Process-level speed settings: allocator, precision, float32 strided depthwise training."""
+"""Process-level speed settings: allocator, float32 strided depthwise training (precision:
+test_precision.py)."""
 
 import torch
 import torch.nn.functional as F
@@ -6,17 +7,9 @@ import torchvision
 
 from src.runtime import (
     StridedDepthwise,
-    bf16_supported,
     keep_freed_memory,
-    resolve_precision,
     train_strided_depthwise_in_fp32,
 )
-
-
-def test_precision_auto_follows_the_hardware():
-    assert resolve_precision("32-true", "cpu") == "32-true"
-    expected = "bf16-mixed" if bf16_supported("cpu") else "32-true"
-    assert resolve_precision("auto", "cpu") == expected
 
 
 def test_allocator_setting_applies_on_glibc_linux():
