@@ -14,7 +14,7 @@ from torch import nn
 
 from src.errors import UserError
 
-NAMES = ("none", "full", "staged")
+NAMES = ("none", "full", "staged", "lpft")
 BN_CHOICES = ("frozen", "train")
 
 
@@ -26,6 +26,7 @@ class Finetune:
     - `full`: everything trains from the start, the backbone at `backbone_lr_scale` x the lr.
     - `staged`: the head trains alone for `unfreeze_at_epoch` epochs, then the backbone joins at
       `backbone_lr_scale` x the lr, ramped up linearly from 0 over `warmup_epochs`.
+    - `lpft`: as `full`, from a head first fitted as a linear probe (src.train does that).
 
     `bn` (full and staged): `frozen` keeps the backbone's BatchNorm layers in eval mode, so they
     normalise with their pretrained running statistics and never update them (their affine weights

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from src.backbones import Backbone
 from src.checkpoints import RECORD, VERSION, read_checkpoint, upgrade
@@ -82,13 +83,28 @@ class TransferModel(L.LightningModule):
         self.backbone_frozen = False
         if self.finetune.frozen_at_start(freeze):
             self.freeze_backbone()
+        n = len(classes)
         self.metrics = nn.ModuleDict(
             {
-                f"{s}_acc": MulticlassAccuracy(len(classes), average="micro")
-                for s in ("train", "val", "test")
+                f"{stage}_metrics": nn.ModuleDict(
+                    {
+                        "loss": MeanMetric(),
+                        "acc": MulticlassAccuracy(n, average="micro"),
+                        **(
+                            {
+                                "balanced_acc": MulticlassAccuracy(n, average="macro"),
+                                "macro_f1": MulticlassF1Score(n, average="macro"),
+                            }
+                            if stage == "test"
+                            else {}
+                        ),
+                    }
+                )
+                for stage in ("train", "val", "test")
             }
         )
         self.test_phase = "test"
+        self.fitted_head = False  # True: the head was fitted before training (linear probe)
         self.record: dict[str, Any] = {}  # the run's settings and split, saved in checkpoints
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -131,23 +147,25 @@ class TransferModel(L.LightningModule):
     def _step(
         self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, prefix: str
     ) -> torch.Tensor:
+        """Loss and metrics of a batch, logged per epoch. The metric objects reduce over DDP
+        ranks (the loss as a mean weighted by images), so every figure covers all images."""
         x, y = batch
         logits = self.head(x) if x.ndim == 2 else self(x)
         smoothing = self.label_smoothing if stage == "train" else 0.0
         loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
-        self.metrics[f"{stage}_acc"](logits, y)
-        self.log(f"{prefix}loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
-        self.log(
-            f"{prefix}acc",
-            self.metrics[f"{stage}_acc"],
-            on_step=False,
-            on_epoch=True,
-            batch_size=len(y),
-        )
+        for name, metric in self.metrics[f"{stage}_metrics"].items():
+            if name == "loss":
+                metric.update(loss.detach(), len(y))
+            else:
+                metric.update(logits, y)
+            self.log(f"{prefix}{name}", metric, on_step=False, on_epoch=True, batch_size=len(y))
         return loss
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return self._step(batch, "train", "train/")
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
+        """The batch's loss; None (no optimizer step) when the head was fitted beforehand, so
+        the epoch only validates and checkpoints the fitted model."""
+        loss = self._step(batch, "train", "train/")
+        return None if self.fitted_head else loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
         self._step(batch, "val", "val/")

@@ -22,7 +22,9 @@ from src.features import cached_features
 from src.finetune import Finetune
 from src.lr_find import find_lr
 from src.model import TransferModel, parameter_summary, trainable_parameters
+from src.probe import fit_probe
 from src.runtime import keep_freed_memory, quiet_lightning, resolve_precision
+from src.stats import accuracy_ci
 from src.summary import record_failure
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,7 @@ def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
         "weights": str(cfg.backbone.weights),
         "freeze": frozen_throughout(cfg),
         "finetune": cfg.finetune.name,
+        "head_fit": cfg.head_fit,
         "backbone_lr_scale": cfg.finetune.get("backbone_lr_scale", 1.0),
         "scheduler": cfg.scheduler.name,
         "augment": cfg.augment.name,
@@ -89,6 +92,65 @@ def build_model(cfg: DictConfig, classes: list[str]) -> TransferModel:
     )
 
 
+def head_fit(cfg: DictConfig, cached: bool) -> str:
+    """`probe` or `recipe`: how this run fits a head that learns alone for the whole run.
+
+    The probe needs the cached features; with augmentation they cannot be cached, so the head
+    trains by the recipe (the configured optimizer and epochs), said once.
+    """
+    if cfg.head_fit == "recipe" or not frozen_throughout(cfg):
+        return "recipe"
+    if not cached:
+        log.warning(
+            "head_fit=probe fits the head on cached features, which augmentation (or "
+            "cache_features=false) rules out: the head trains with the recipe instead"
+        )
+        return "recipe"
+    return "probe"
+
+
+def fit_head_by_probe(
+    model: TransferModel, data: Any, features: dict[str, torch.Tensor], cfg: DictConfig, logger: Any
+) -> float:
+    """Fit `model`'s head as a linear probe on the cached train features, its L2 strength chosen
+    on the val split; log one point per grid value; return the chosen strength."""
+    labels = {name: torch.tensor(split.labels) for name, split in data.splits().items()}
+    fit = fit_probe(
+        features["train"],
+        labels["train"],
+        features["val"],
+        labels["val"],
+        len(model.hparams.classes),
+        l2_grid=cfg.probe.l2_grid,
+        select=cfg.probe.select,
+    )
+    with torch.no_grad():
+        model.head.weight.copy_(fit.weight)
+        model.head.bias.copy_(fit.bias)
+    if logger:
+        for step, point in enumerate(fit.grid):
+            logger.log_metrics({f"probe/{key}": value for key, value in point.items()}, step)
+        logger.log_metrics({"probe/chosen_l2": fit.l2}, len(fit.grid))
+    chosen = next(p for p in fit.grid if p["l2"] == fit.l2)
+    log.info(
+        "linear probe: l2=%.3g chosen by val %s (val loss %.4f, val acc %.4f)",
+        fit.l2,
+        cfg.probe.select,
+        chosen["val_loss"],
+        chosen["val_acc"],
+    )
+    return fit.l2
+
+
+def test_intervals(metrics: dict[str, float], n: int) -> dict[str, Any]:
+    """The Wilson 95% interval of each test accuracy in `metrics` over `n` images."""
+    return {
+        f"{name}_ci95": list(accuracy_ci(value, n))
+        for name, value in metrics.items()
+        if name in ("test/acc", "before/test_acc")
+    }
+
+
 def train(cfg: DictConfig) -> float:
     """Test, train, test again; log and checkpoint under `cfg.output_dir`; return the objective."""
     start = time.perf_counter()
@@ -104,6 +166,13 @@ def train(cfg: DictConfig) -> float:
     if cfg.compile:
         model.backbone.compile()
     precision = resolve_precision(cfg.precision, accelerator(cfg))
+    cached = use_cached_features(cfg, data)
+    fit = head_fit(cfg, cached)
+    if fit == "probe" and cfg.ckpt_path:
+        raise UserError(
+            "head_fit=probe fits the head in one pass and has nothing to resume. "
+            "Fix: ckpt_path=null, or head_fit=recipe to resume its epochs"
+        )
     timer = EpochTimer()
     checkpoint = RunCheckpoint(
         dirpath=out / "checkpoints", filename="best", monitor="val/acc", mode="max", save_last=True
@@ -118,26 +187,38 @@ def train(cfg: DictConfig) -> float:
         logger=logger,
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
+        **({"max_epochs": 1} if fit == "probe" else {}),  # one epoch: validate and checkpoint
     )
-    if use_cached_features(cfg, data):
+    lpft = cfg.finetune.name == "lpft" and not cfg.ckpt_path  # a resumed run has its head
+    features = None
+    if cached or lpft:
         device = trainer.strategy.root_device
-        data.use_features(
-            cached_features(
-                model, data, model.hparams.backbone, cfg.cache_dir, device, "bf16" in precision
-            )
+        features = cached_features(
+            model, data, model.hparams.backbone, cfg.cache_dir, device, "bf16" in precision
         )
+    if cached:
+        data.use_features(features)
     if cfg.lr_find:
         return find_lr(trainer, model, data, out)
     model.test_phase = "before"
     before = trainer.test(model, data, verbose=False)[0]
     model.test_phase = "test"
+    probe_l2 = None
+    if fit == "probe" or lpft:
+        probe_l2 = fit_head_by_probe(model, data, features, cfg, logger)
+        model.fitted_head = fit == "probe"
     trainer.fit(model, data, ckpt_path=cfg.ckpt_path)
     after = trainer.test(model, data, ckpt_path="best", verbose=False)[0]
     best = read_checkpoint(checkpoint.best_model_path, mmap=True)
+    n_test = min(len(data.test_split.paths), trainer.num_test_batches[0] * data.batch_size)
     result = {
         **hyperparameters(cfg),
+        "head_fit": fit,
+        "probe_l2": probe_l2,
         **before,
         **after,
+        **test_intervals(before | after, n_test),
+        "n_test": n_test,
         "trainable_params": sum(p.numel() for p in trainable_parameters(model)),
         "total_params": sum(p.numel() for p in model.parameters()),
         "val/acc": float(best["callbacks"][checkpoint.state_key]["best_model_score"]),
@@ -156,10 +237,11 @@ def train(cfg: DictConfig) -> float:
 
         log_final_figures(trainer, model, data, "bf16" in precision)
     finetune = f" finetune={cfg.finetune.name}" if cfg.finetune.name != "none" else ""
+    low, high = result["test/acc_ci95"]
     print(
-        f"RESULT backbone={cfg.backbone.name} freeze={result['freeze']}{finetune} "
+        f"RESULT backbone={cfg.backbone.name} freeze={result['freeze']}{finetune} head_fit={fit} "
         f"before_test_acc={before['before/test_acc']:.4f} test_acc={after['test/acc']:.4f} "
-        f"test_loss={after['test/loss']:.4f}"
+        f"test_acc_ci95=[{low:.4f},{high:.4f}] test_loss={after['test/loss']:.4f}"
     )
     return float(result[cfg.objective])
 
