@@ -521,18 +521,21 @@ def split_settings(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def memory_available() -> int:
-    """Bytes this process can still allocate: MemAvailable, or less under a cgroup v2 limit."""
+    """Bytes this process can still use: MemAvailable, or less under a cgroup v2 memory limit
+    (a container's, SLURM's), whose usage counts the reclaimable file cache too."""
     try:
         meminfo = Path("/proc/meminfo").read_text()
         available = int(meminfo.split("MemAvailable:")[1].split()[0]) * 1024
     except (OSError, IndexError, ValueError):  # not Linux
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    cgroup = Path("/sys/fs/cgroup")
     try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        limit = (cgroup / "memory.max").read_text().strip()
         if limit != "max":
+            stat = dict(line.split() for line in (cgroup / "memory.stat").read_text().splitlines())
+            used = int((cgroup / "memory.current").read_text()) - int(stat["inactive_file"])
             available = min(available, int(limit) - used)
-    except (OSError, ValueError):
+    except (OSError, ValueError, KeyError):  # no cgroup v2 here
         pass
     return max(available, 0)
 
@@ -699,11 +702,11 @@ def stream_images(
     )
 
 
-def list_inputs(path: str | Path, key: str = "inputs") -> list[Path]:
+def list_inputs(path: str | Path | None, key: str = "inputs") -> list[Path]:
     """An image file, or the images of a folder and its sub-folders (sorted; hidden files and
     folders and junk ignored); a UserError naming `key` when there are none."""
     fix = f"Fix: {key}=<an image file or a folder of images>"
-    if not str(path):
+    if path is None or not str(path):
         raise UserError(f"no {key} given. {fix}")
     path = Path(path)
     if path.is_file():

@@ -270,6 +270,8 @@ def test_list_inputs_recurses_and_ignores_junk(tmp_path: Path) -> None:
     (tmp_path / "nothing").mkdir()
     with pytest.raises(UserError, match=r"no images .* in the folder .*nothing or its sub-folders"):
         list_inputs(tmp_path / "nothing")
+    with pytest.raises(UserError, match=r"no inputs given"):
+        list_inputs(None)
     with pytest.raises(UserError, match=r"inputs .*missing not found\. Fix: inputs="):
         list_inputs(tmp_path / "missing")
 
