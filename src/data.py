@@ -520,6 +520,13 @@ def split_settings(record: dict[str, Any]) -> dict[str, Any]:
         ) from err
 
 
+def checkpoint_split(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """The split record in a loaded checkpoint of src.train (None in one from before records):
+    Lightning keeps the data module's `state_dict()` under its class name."""
+    state = checkpoint.get("ImageFolderData")
+    return state.get("split") if isinstance(state, dict) else None
+
+
 def memory_available() -> int:
     """Bytes this process can still use: MemAvailable, or less under a cgroup v2 memory limit
     (a container's, SLURM's), whose usage counts the reclaimable file cache too."""
@@ -972,6 +979,16 @@ class ImageFolderData(L.LightningDataModule):
                     f"the training run ({shown(count)} images). Fix: the training run's settings "
                     f"{settings}, and data.root=<the folder it was trained on, unchanged>"
                 )
+
+    def state_dict(self) -> dict[str, Any]:
+        """What Lightning stores in each checkpoint (under the key "ImageFolderData"): the split
+        record, for `checkpoint_split`."""
+        return {"split": self.split_record()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Lightning's call on a resume (or a test) from a checkpoint: a UserError unless this
+        is the split that the checkpoint was trained on."""
+        self.check_split(state_dict["split"])
 
     def use_features(self, features: dict[str, torch.Tensor]) -> None:
         """Serve precomputed backbone features instead of images (a frozen backbone's cache)."""

@@ -156,6 +156,9 @@ def test_split_record_hashes_files_and_check_split_refuses_another_split(tmp_pat
     assert "\n" not in str(caught.value)
     rebuilt = ImageFolderData.from_record(str(root), record, image_size=16)
     assert rebuilt.splits() == data.splits()
+    rebuilt.load_state_dict(data.state_dict())  # what Lightning does on a resume
+    with pytest.raises(UserError, match=r"the train split"):
+        ImageFolderData(str(root), image_size=16, seed=4).load_state_dict(data.state_dict())
 
     Image.new("RGB", (24, 24)).save(root / "training" / "class_0" / "new.png")
     grown = ImageFolderData(str(root), image_size=16, seed=3)

@@ -17,6 +17,7 @@ from src.data import (
     ImageFolderData,
     ImagesDataset,
     StreamingDataset,
+    checkpoint_split,
     decode,
     input_classes,
     list_inputs,
@@ -118,6 +119,9 @@ def test_seeded_training_run_has_the_same_metrics_streamed_and_in_memory(
         result = json.loads((out / "result.json").read_text())
         results[mode] = {k: v for k, v in result.items() if k not in METRICS_ONLY}
     assert results["true"] == results["false"]
+    record = checkpoint_split(torch.load(out / "checkpoints" / "best.ckpt", weights_only=True))
+    data = ImageFolderData.from_record(str(image_root), record, image_size=32)
+    assert record == data.split_record() and record["seed"] == 42
     assert "test/acc" in results["true"] and "before/test_acc" in results["true"]
 
 
