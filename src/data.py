@@ -1,18 +1,32 @@
-"""Image folders in the published layout, decoded once into memory, as a LightningDataModule."""
+"""Image folders in the published layout as a LightningDataModule.
 
+The folder is listed and every image checked once at start (in parallel, with a scan cache that
+later runs reuse), training/ is split into train/val/test (or K folds) by class and seed, and the
+images are decoded once into memory when they fit, else decoded per item in DataLoader workers.
+Both modes give bit-identical batches: augmentation draws from a seed of (seed, epoch, image).
+"""
+
+import hashlib
+import json
 import logging
 import os
-from collections.abc import Iterator
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
 
 import lightning as L
 import numpy as np
+import PIL
 import torch
+import torch.distributed as dist
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2.functional import pil_to_tensor
+from tqdm import tqdm
 
 from src.errors import UserError
 
@@ -22,6 +36,12 @@ JUNK_FILES = {"thumbs.db", "desktop.ini"}  # and every hidden file (.DS_Store, m
 MAX_LISTED = 20  # bad images named in one message
 MIN_SIDE = 8  # images smaller than this (px) are used, with a warning
 LAYOUT = "training/<class>/<images> (optionally validation/<class>/<images>)"
+PROGRESS_MIN = 2000  # images from which a progress bar is shown (on a terminal)
+MEMORY_SHARE = 0.5  # data.memory_limit_gb=null: this share of the available memory
+SCAN_FORMAT = 1  # bump when check_image changes what it accepts
+SPLIT_KEYS = ("seed", "val_fraction", "test_fraction", "folds", "fold")
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass
@@ -30,6 +50,36 @@ class Split:
 
     paths: list[Path]
     labels: list[int]
+
+
+class EpochIndex(NamedTuple):
+    """What the training sampler yields: an image's index and the epoch it is drawn in, so that
+    its augmentation depends on them alone (also in DataLoader workers that outlive an epoch)."""
+
+    epoch: int
+    index: int
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's, taskset's or SLURM's
+    share), not os.cpu_count(), which counts the whole machine."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def progress(items: Any, total: int, what: str) -> Any:
+    """`items` with a progress bar on a terminal when there are PROGRESS_MIN or more."""
+    return tqdm(
+        items, total=total, desc=what, unit="img", disable=None if total >= PROGRESS_MIN else True
+    )
+
+
+def parallel_map(fn: Callable[[T], R], items: Sequence[T], what: str) -> list[R]:
+    """`fn` of each item, in order, in threads on the usable cores (PIL decodes without the GIL)."""
+    with ThreadPoolExecutor(usable_cores()) as pool:
+        return list(progress(pool.map(fn, items), len(items), what))
 
 
 def ignored(path: Path) -> bool:
@@ -42,45 +92,31 @@ def is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file() and not ignored(path)
 
 
+def list_folder(folder: Path) -> tuple[list[tuple[Path, int, int]], list[Path]]:
+    """The image files directly in `folder` as sorted (path, size, mtime_ns), and what else it
+    holds besides hidden files and junk (to warn about): one directory read and a stat per file."""
+    images, others = [], []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            path = Path(entry.path)
+            if ignored(path):
+                continue
+            if entry.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+                stat = entry.stat()
+                images.append((path, stat.st_size, stat.st_mtime_ns))
+            else:
+                others.append(path)
+    return sorted(images), sorted(others)
+
+
 def list_images(folder: Path) -> list[Path]:
     """Image files directly in `folder`, sorted."""
-    return sorted(p for p in folder.iterdir() if is_image(p))
-
-
-def not_images(folder: Path) -> list[Path]:
-    """What `folder` holds besides images, hidden files and junk (to warn about)."""
-    return sorted(p for p in folder.iterdir() if not ignored(p) and not is_image(p))
+    return [path for path, _, _ in list_folder(folder)[0]]
 
 
 def class_folders(root: Path) -> list[str]:
     """Class names: the sub-folders of `root`, sorted."""
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not ignored(p))
-
-
-def read_split(root: Path, classes: list[str]) -> Split:
-    """Every image of `root/<class>/`, labelled by its class's index in `classes`."""
-    split = Split([], [])
-    for label, name in enumerate(classes):
-        folder = root / name
-        paths = list_images(folder) if folder.is_dir() else []
-        split.paths += paths
-        split.labels += [label] * len(paths)
-    return split
-
-
-def stratified_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
-    """Seeded split keeping `fraction` of each class (rounded) for the second part."""
-    generator = torch.Generator().manual_seed(seed)
-    first, second = Split([], []), Split([], [])
-    for label in sorted(set(split.labels)):
-        indices = [i for i, y in enumerate(split.labels) if y == label]
-        order = torch.randperm(len(indices), generator=generator).tolist()
-        n_second = round(len(indices) * fraction)
-        for rank, position in enumerate(order):
-            part = second if rank < n_second else first
-            part.paths.append(split.paths[indices[position]])
-            part.labels.append(label)
-    return first, second
 
 
 def check_image(path: Path) -> tuple[int, int]:
@@ -100,22 +136,104 @@ def check_image(path: Path) -> tuple[int, int]:
     return size
 
 
+def problem(path: Path, err: Exception) -> str:
+    """A short reason why `path` could not be read as an image."""
+    if isinstance(err, UnidentifiedImageError):
+        return "empty file" if path.stat().st_size == 0 else "not an image"
+    return str(err) or type(err).__name__
+
+
 def image_problem(path: Path) -> str | tuple[int, int]:
     """Why `path` cannot be used as an image, or its (width, height) when it can."""
     try:
         return check_image(path)
-    except UnidentifiedImageError:
-        return "empty file" if path.stat().st_size == 0 else "not an image"
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for broken files
-        return str(err) or type(err).__name__
+        return problem(path, err)
 
 
-def scan_images(paths: list[Path]) -> tuple[dict[Path, str], list[Path]]:
-    """The unreadable images (path -> why) and the tiny ones, checked in parallel threads."""
-    with ThreadPoolExecutor(os.cpu_count()) as pool:
-        results = dict(zip(paths, pool.map(image_problem, paths), strict=True))
-    bad = {p: r for p, r in results.items() if isinstance(r, str)}
-    tiny = [p for p, r in results.items() if isinstance(r, tuple) and min(r) < MIN_SIDE]
+def scan_cache_file(cache_dir: str | Path, root: Path) -> Path:
+    """The scan cache of the folder `root` in `cache_dir`: one JSON file per folder."""
+    return Path(cache_dir) / f"{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]}.json"
+
+
+def scan_header() -> dict[str, Any]:
+    """What the cached results depend on besides the files: the checker, Pillow and its limit."""
+    return {
+        "format": SCAN_FORMAT,
+        "pillow": PIL.__version__,
+        "max_image_pixels": Image.MAX_IMAGE_PIXELS,
+    }
+
+
+def read_scan_cache(path: Path) -> dict[str, Any]:
+    """The cached entries {relative path: [size, mtime_ns, [width, height]]} of `path`; empty if
+    it is missing, of another checker, or unreadable (JSON: the file is data, never code)."""
+    try:
+        cache = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:  # ValueError: bad JSON or UTF-8
+        log.warning("ignoring the unreadable scan cache %s (%s); it is rewritten", path, err)
+        return {}
+    if not isinstance(cache, dict) or not isinstance(cache.get("images"), dict):
+        log.warning("ignoring the malformed scan cache %s; it is rewritten", path)
+        return {}
+    return cache["images"] if cache.get("header") == scan_header() else {}
+
+
+def write_scan_cache(path: Path, images: dict[str, Any]) -> None:
+    """Write the scan cache atomically (a temporary file renamed over it): a concurrent run reads
+    the old file or the new one, never a part. A cache that cannot be written is only a warning."""
+    partial_path = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial_path.write_text(json.dumps({"header": scan_header(), "images": images}))
+        os.replace(partial_path, path)
+    except OSError as err:
+        log.warning("cannot write the scan cache %s: %s", path, err)
+        partial_path.unlink(missing_ok=True)
+
+
+def cached_size(entry: Any, size: int, mtime_ns: int) -> tuple[int, int] | None:
+    """The (width, height) of a cache entry when it is well formed and of the same file version."""
+    if not (isinstance(entry, list) and len(entry) == 3 and entry[:2] == [size, mtime_ns]):
+        return None
+    dims = entry[2]
+    if isinstance(dims, list) and len(dims) == 2 and all(type(v) is int for v in dims):
+        return dims[0], dims[1]
+    return None
+
+
+def scan_images(
+    files: list[tuple[Path, int, int]], root: Path, cache: Path | None = None
+) -> tuple[dict[Path, str], list[Path]]:
+    """The unreadable images (path -> why) and the tiny ones among (path, size, mtime_ns).
+
+    Checks in parallel threads every image that `cache` does not hold with the same size and
+    mtime; keeps the readable ones' sizes there (not the errors: a file made readable by a
+    permission change keeps its mtime).
+    """
+    cached = read_scan_cache(cache) if cache else {}
+    sizes: dict[Path, str | tuple[int, int]] = {}
+    todo = []
+    for path, size, mtime_ns in files:
+        dims = cached_size(cached.get(path.relative_to(root).as_posix()), size, mtime_ns)
+        if dims is None:
+            todo.append(path)
+        else:
+            sizes[path] = dims
+    sizes.update(zip(todo, parallel_map(image_problem, todo, "checking images"), strict=True))
+    if cache and (todo or len(cached) != len(files)):
+        write_scan_cache(
+            cache,
+            {
+                path.relative_to(root).as_posix(): [size, mtime_ns, list(sizes[path])]
+                for path, size, mtime_ns in files
+                if isinstance(sizes[path], tuple)
+            },
+        )
+    bad = {p: r for p, r in sizes.items() if isinstance(r, str)}
+    tiny = [p for p, r in sizes.items() if isinstance(r, tuple) and min(r) < MIN_SIDE]
     return bad, tiny
 
 
@@ -128,38 +246,45 @@ def listing(paths: list[Path], root: Path, notes: dict[Path, str] | None = None)
     return ", ".join(names) + more
 
 
-def decode(path: Path, size: int) -> torch.Tensor:
-    """An image file as a (3, size, size) uint8 RGB tensor, EXIF-rotated and resized (no crop).
-
-    An animated image gives its first frame.
-    """
-    try:
-        with Image.open(path) as image:
-            image.draft("RGB", (size, size))  # JPEG: decode at the smallest DCT scale >= size
-            image = ImageOps.exif_transpose(image)
-            if image.mode in {"I;16", "I;16B", "I;16L", "I"}:  # 16-bit grayscale: scale to 8 bits
-                image = image.point(lambda v: v / 256).convert("L")
-            rgb = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-    except Exception as err:  # what the scan at start missed; PIL raises many types
-        raise UserError(f"cannot decode {path}: {err}. Fix: replace or delete the file") from err
+def read_rgb(path: Path, size: int) -> torch.Tensor:
+    """An image file as a (3, size, size) uint8 RGB tensor, EXIF-rotated and resized (no crop);
+    raises PIL's errors. An animated image gives its first frame."""
+    with Image.open(path) as image:
+        image.draft("RGB", (size, size))  # JPEG: decode at the smallest DCT scale >= size
+        image = ImageOps.exif_transpose(image)
+        if image.mode in {"I;16", "I;16B", "I;16L", "I"}:  # 16-bit grayscale: scale to 8 bits
+            image = image.point(lambda v: v / 256).convert("L")
+        rgb = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
     return pil_to_tensor(rgb)
+
+
+def decode(path: Path, size: int) -> torch.Tensor:
+    """`read_rgb`, or a UserError naming the file that the scan at start did not reject."""
+    try:
+        return read_rgb(path, size)
+    except Exception as err:  # PIL raises many types
+        raise UserError(f"cannot decode {path}: {err}. Fix: replace or delete the file") from err
 
 
 def decode_all(paths: list[Path], size: int) -> torch.Tensor:
     """Decode every image once, in parallel threads, into one (N, 3, size, size) uint8 tensor."""
     images = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
-    with ThreadPoolExecutor(os.cpu_count()) as pool:
-        for i, image in enumerate(pool.map(lambda p: decode(p, size), paths)):
+    with ThreadPoolExecutor(usable_cores()) as pool:
+        decoded = pool.map(lambda p: decode(p, size), paths)
+        for i, image in enumerate(progress(decoded, len(paths), "decoding images")):
             images[i] = image
     return images
 
 
 def drop_bad_images(
-    root: Path, train: Split, test: Split | None, on_bad_image: str
-) -> tuple[Split, Split | None]:
-    """The splits without unreadable images (`on_bad_image="skip"`), or a UserError naming them."""
-    paths = train.paths + (test.paths if test else [])
-    bad, tiny = scan_images(paths)
+    root: Path,
+    files: list[tuple[Path, int, int]],
+    on_bad_image: str,
+    cache: Path | None = None,
+) -> set[Path]:
+    """The unreadable images among `files` to leave out (`on_bad_image="skip"`, with a warning),
+    or a UserError naming them; tiny images are named in a warning."""
+    bad, tiny = scan_images(files, root, cache)
     if tiny:
         log.warning(
             "%d image(s) smaller than %d px on a side (used, upscaled): %s",
@@ -168,38 +293,41 @@ def drop_bad_images(
             listing(tiny, root),
         )
     if not bad:
-        return train, test
+        return set()
     found = f"{len(bad)} unreadable image(s) in {root}: {listing(list(bad), root, bad)}"
     if on_bad_image != "skip":
         raise UserError(
             f"{found}. Fix: replace or delete them, or data.on_bad_image=skip to train on the rest"
         )
     log.warning("skipping %s (data.on_bad_image=skip)", found)
+    return set(bad)
 
-    def keep(split: Split) -> Split:
-        kept = [(p, y) for p, y in zip(split.paths, split.labels, strict=True) if p not in bad]
-        return Split([p for p, _ in kept], [y for _, y in kept])
 
-    return keep(train), keep(test) if test else None
+def missing_classes(folder: Path, classes: list[str], split: Split) -> list[str]:
+    """The class folders of `folder` of which `split` holds no image."""
+    present = set(split.labels)
+    return [str(folder / c) for label, c in enumerate(classes) if label not in present]
 
 
 def check_classes(training: Path, classes: list[str], split: Split, problem: str) -> None:
     """A UserError naming the class folders of which `split` holds no image."""
-    present = set(split.labels)
-    empty = [str(training / c) for label, c in enumerate(classes) if label not in present]
-    if empty:
+    if empty := missing_classes(training, classes, split):
         raise UserError(
             f"{problem} in the class folder(s) {', '.join(empty)}. Fix: add images "
             f"({' '.join(sorted(IMAGE_EXTENSIONS))}) or remove the folder(s)"
         )
 
 
-def read_folder(root: Path, on_bad_image: str = "fail") -> tuple[list[str], Split, Split | None]:
+def read_folder(
+    root: Path, on_bad_image: str = "fail", scan_cache: str | Path | None = None
+) -> tuple[list[str], Split, Split | None]:
     """The classes, training images and validation images (None without validation/) of `root`.
 
-    Checks the layout and scans every image first: each problem raises a UserError naming it and
-    the fix; unreadable images are named (`on_bad_image="fail"`) or left out with a warning
-    (`"skip"`); other files are left out with a warning, hidden files and junk silently.
+    Checks the layout and scans every image first (the class folders are listed and the images
+    checked in parallel; `scan_cache` keeps the checks of unchanged files for the next run): each
+    problem raises a UserError naming it and the fix; unreadable images are named
+    (`on_bad_image="fail"`) or left out with a warning (`"skip"`); other files are left out with a
+    warning, hidden files and junk silently.
     """
     training, validation = root / "training", root / "validation"
     if not root.is_dir():
@@ -225,9 +353,11 @@ def read_folder(root: Path, on_bad_image: str = "fail") -> tuple[list[str], Spli
             "Fix: add training images for them, or remove them from validation/"
         )
     tops = [training, validation] if has_validation else [training]
-    class_dirs = [top / c for top in tops for c in class_folders(top)]
+    folders = [top / c for top in tops for c in classes if (top / c).is_dir()]
+    with ThreadPoolExecutor(usable_cores()) as pool:
+        listed = dict(zip(folders, pool.map(list_folder, folders), strict=True))
     unused = [p for top in tops for p in top.iterdir() if not p.is_dir() and not ignored(p)]
-    unused += [p for folder in class_dirs for p in not_images(folder)]
+    unused += [p for _, others in listed.values() for p in others]
     if unused:
         log.warning(
             "ignoring %d file(s) that are not images in a class folder (%s): %s",
@@ -235,24 +365,217 @@ def read_folder(root: Path, on_bad_image: str = "fail") -> tuple[list[str], Spli
             " ".join(sorted(IMAGE_EXTENSIONS)),
             listing(unused, root),
         )
-    train = read_split(training, classes)
-    check_classes(training, classes, train, "no images")
-    test = read_split(validation, classes) if has_validation else None
-    train, test = drop_bad_images(root, train, test, on_bad_image)
+
+    def read_split(top: Path, bad: set[Path]) -> Split:
+        split = Split([], [])
+        for label, name in enumerate(classes):
+            images = listed[top / name][0] if top / name in listed else []
+            paths = [p for p, _, _ in images if p not in bad]
+            split.paths += paths
+            split.labels += [label] * len(paths)
+        return split
+
+    check_classes(training, classes, read_split(training, set()), "no images")
+    files = [file for images, _ in listed.values() for file in images]
+    cache = scan_cache_file(scan_cache, root) if scan_cache else None
+    bad = drop_bad_images(root, files, on_bad_image, cache)
+    train = read_split(training, bad)
     check_classes(training, classes, train, "only unreadable images")
+    test = read_split(validation, bad) if has_validation else None
     if test is not None and not test.paths:
         raise UserError(
             f"no images in {validation}. Fix: add images to validation/<class>/, or remove "
-            "validation/ (the test set is then the validation split)"
+            "validation/ (the test set is then split from training/)"
+        )
+    if test is not None and (lacking := missing_classes(validation, classes, test)):
+        raise UserError(
+            f"no images in {', '.join(lacking)}: the test set (validation/) needs every class. "
+            "Fix: add images there, or remove validation/ (the test set is then split from "
+            "training/)"
         )
     return classes, train, test
 
 
-class EpochShuffle(Sampler[int]):
+def shuffled_classes(split: Split, seed: int) -> list[tuple[int, list[int]]]:
+    """Per class (in label order), the indices of its images in `split` in a seeded random order.
+
+    One pass over the images plus one permutation per class: O(images).
+    """
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, label in enumerate(split.labels):
+        groups[label].append(i)
+    generator = torch.Generator().manual_seed(seed)
+    shuffled = []
+    for label in sorted(groups):
+        order = torch.randperm(len(groups[label]), generator=generator).tolist()
+        shuffled.append((label, [groups[label][p] for p in order]))
+    return shuffled
+
+
+def held_out(count: int, fraction: float) -> int:
+    """How many of a class's `count` images a split of `fraction` takes: rounded, at least one
+    (none for fraction 0), so that rounding never leaves a split without the class."""
+    return max(1, round(count * fraction)) if fraction else 0
+
+
+def too_few(
+    classes: list[str], short: list[tuple[int, int]], splitting: str, fix: str
+) -> UserError:
+    """The one-line error naming the classes (with their image counts) too small for a split."""
+    named = ", ".join(f"{classes[label]} ({count} image(s))" for label, count in short)
+    return UserError(
+        f"{splitting} leaves the class(es) {named} without an image in some split: every class "
+        f"needs at least one in each. Fix: add images to them, or {fix}"
+    )
+
+
+def holdout_split(
+    split: Split, classes: list[str], val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, list[int]]:
+    """Seeded stratified train/val/test indices into `split` (no test part for fraction 0).
+
+    Each class's images are shuffled; val takes the first `held_out(n, val_fraction)`, test the
+    next `held_out(n, test_fraction)`, train the rest. With test_fraction 0 this is exactly the
+    published 90/10 split of the same seed (the same images, in the same order).
+    """
+    parts: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    short = []
+    for label, order in shuffled_classes(split, seed):
+        n_val, n_test = held_out(len(order), val_fraction), held_out(len(order), test_fraction)
+        if len(order) - n_val - n_test < 1:
+            short.append((label, len(order)))
+        parts["val"] += order[:n_val]
+        parts["test"] += order[n_val : n_val + n_test]
+        parts["train"] += order[n_val + n_test :]
+    if short:
+        names = "train/val/test" if test_fraction else "train/val"
+        raise too_few(
+            classes,
+            short,
+            f"splitting training/ into {names} (data.val_fraction={val_fraction}"
+            + (f", data.test_fraction={test_fraction})" if test_fraction else ")"),
+            "other fractions (data.val_fraction, data.test_fraction; data.test_fraction=0 makes "
+            "the test set the val split)",
+        )
+    return parts
+
+
+def kfold_split(
+    split: Split,
+    classes: list[str],
+    folds: int,
+    fold: int,
+    val_fraction: float | None,
+    seed: int,
+) -> dict[str, list[int]]:
+    """Indices into `split` of stratified, seeded K-fold cross-validation.
+
+    Each class's images are shuffled and dealt to the folds in turn (continuing across classes, so
+    folds differ in size by one at most); the folds depend on the seed alone, so the K runs of a
+    seed hold out each image exactly once. With `val_fraction`, fold `fold` is the test part and
+    val is carved (stratified) from the other folds; without, fold `fold` is the val part.
+    """
+    parts: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    held = "test" if val_fraction is not None else "val"
+    short, dealt = [], 0
+    for label, order in shuffled_classes(split, seed):
+        rest = []
+        for position, index in enumerate(order):
+            (parts[held] if (dealt + position) % folds == fold else rest).append(index)
+        dealt += len(order)
+        n_val = held_out(len(rest), val_fraction) if val_fraction is not None else 0
+        if len(order) < folds or len(rest) - n_val < 1:
+            short.append((label, len(order)))
+        parts["val"] += rest[:n_val]
+        parts["train"] += rest[n_val:]
+    if short:
+        raise too_few(
+            classes,
+            short,
+            f"data.folds={folds}"
+            + (f" with data.val_fraction={val_fraction}" if val_fraction is not None else ""),
+            "fewer data.folds" + (", or a lower data.val_fraction" if val_fraction else ""),
+        )
+    return parts
+
+
+def split_hash(split: Split, root: Path, classes: list[str]) -> str:
+    """sha256 of a split's sorted (path relative to root, class) list: the same on any machine."""
+    lines = sorted(
+        f"{p.relative_to(root).as_posix()}\t{classes[y]}"
+        for p, y in zip(split.paths, split.labels, strict=True)
+    )
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def split_settings(record: dict[str, Any]) -> dict[str, Any]:
+    """The data module arguments that made the split of `record` (seed, fractions, folds, fold),
+    e.g. `instantiate(cfg.data, **split_settings(record))`."""
+    try:
+        return {key: record[key] for key in SPLIT_KEYS}
+    except (KeyError, TypeError) as err:
+        raise UserError(
+            f"not a split record (no {err}): it comes from ImageFolderData.split_record(). "
+            "Fix: a checkpoint of a training run that stored it"
+        ) from err
+
+
+def checkpoint_split(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """The split record in a loaded checkpoint of src.train (None in one from before records):
+    Lightning keeps the data module's `state_dict()` under its class name."""
+    state = checkpoint.get("ImageFolderData")
+    return state.get("split") if isinstance(state, dict) else None
+
+
+def memory_available() -> int:
+    """Bytes this process can still use: MemAvailable, or less under a cgroup v2 memory limit
+    (a container's, SLURM's), whose usage counts the reclaimable file cache too."""
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        available = int(meminfo.split("MemAvailable:")[1].split()[0]) * 1024
+    except (OSError, IndexError, ValueError):  # not Linux
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    cgroup = Path("/sys/fs/cgroup")
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            stat = dict(line.split() for line in (cgroup / "memory.stat").read_text().splitlines())
+            used = int((cgroup / "memory.current").read_text()) - int(stat["inactive_file"])
+            available = min(available, int(limit) - used)
+    except (OSError, ValueError, KeyError):  # no cgroup v2 here
+        pass
+    return max(available, 0)
+
+
+def memory_limit(limit_gb: float | None) -> tuple[float, str]:
+    """The bytes decoded images may take in memory, and where the figure comes from."""
+    if limit_gb is not None:
+        return limit_gb * 2**30, f"data.memory_limit_gb={limit_gb}"
+    available = memory_available()
+    return MEMORY_SHARE * available, (
+        f"data.memory_limit_gb=null: {MEMORY_SHARE:.0%} of the {available / 2**30:.1f} GiB "
+        "available"
+    )
+
+
+def world_size(trainer: L.Trainer | None) -> int:
+    """The number of processes training together: the Trainer's, else torch.distributed's."""
+    if trainer is not None:
+        return trainer.world_size
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one image's augmentation in one epoch: a function of these three alone."""
+    return int(np.random.SeedSequence((seed, epoch, index)).generate_state(1, np.uint64)[0])
+
+
+class EpochShuffle(Sampler[EpochIndex]):
     """A random order per epoch drawn from the seed and the epoch number alone.
 
-    Lightning calls `set_epoch` before each epoch, so a run resumed from a checkpoint shuffles
-    exactly as an uninterrupted one (a DataLoader's own generator restarts from its seed).
+    Lightning calls `set_epoch` before each epoch (also through its DistributedSampler wrapper),
+    so a run resumed from a checkpoint shuffles exactly as an uninterrupted one (a DataLoader's
+    own generator restarts from its seed). Each index comes with its epoch, for the augmentation.
     """
 
     def __init__(self, size: int, seed: int) -> None:
@@ -264,32 +587,224 @@ class EpochShuffle(Sampler[int]):
     def __len__(self) -> int:
         return self.size
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[EpochIndex]:
         seed = int(np.random.SeedSequence((self.seed, self.epoch)).generate_state(1)[0])
-        return iter(
-            torch.randperm(self.size, generator=torch.Generator().manual_seed(seed)).tolist()
-        )
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(seed))
+        return (EpochIndex(self.epoch, i) for i in order.tolist())
 
 
-class ImagesDataset(Dataset):
-    """In-memory uint8 images with labels and an optional per-image transform (augmentation)."""
+class LabelledDataset(Dataset):
+    """Items with labels and an optional per-image transform (augmentation) seeded per item.
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform=None) -> None:
-        self.images, self.labels, self.transform = images, labels, transform
+    Accepts an index or an EpochIndex; the transform runs under `torch.random.fork_rng` seeded by
+    `item_seed(seed, epoch, index)`, so it is the same in memory or streamed, in any worker, in
+    any run with the same seed, and leaves the global generator alone.
+    """
+
+    def __init__(self, labels: torch.Tensor, transform: Callable | None, seed: int) -> None:
+        self.labels, self.transform, self.seed = labels, transform, seed
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = self.images[index]
-        return (self.transform(image) if self.transform else image), self.labels[index]
+    def item(self, index: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __getitem__(self, key: int | EpochIndex) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        image = self.item(index)
+        if self.transform is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(item_seed(self.seed, epoch, index))
+                image = self.transform(image)
+        return image, self.labels[index]
+
+
+class ImagesDataset(LabelledDataset):
+    """In-memory rows with labels: decoded uint8 images, or precomputed backbone features."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        transform: Callable | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(labels, transform, seed)
+        self.images = images
+
+    def item(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+
+class StreamingDataset(LabelledDataset):
+    """Image files decoded on access (in DataLoader workers), for folders larger than memory."""
+
+    def __init__(
+        self,
+        paths: list[Path],
+        labels: torch.Tensor,
+        size: int,
+        transform: Callable | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(labels, transform, seed)
+        self.paths, self.size = paths, size
+
+    def item(self, index: int) -> torch.Tensor:
+        return decode(self.paths[index], self.size)
+
+
+class DecodeDataset(Dataset):
+    """Image files as (index, uint8 image or None, error or None): a bad file is an entry."""
+
+    def __init__(self, paths: Sequence[Path], size: int) -> None:
+        self.paths, self.size = paths, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            return index, read_rgb(self.paths[index], self.size), None
+        except Exception as err:  # PIL raises many types
+            return index, None, problem(self.paths[index], err)
+
+
+def collate_decoded(
+    items: list[tuple[int, torch.Tensor | None, str | None]], size: int
+) -> tuple[list[int], torch.Tensor, dict[int, str]]:
+    """A batch of DecodeDataset items: indices and images of the decoded ones, errors by index."""
+    good = [(i, image) for i, image, _ in items if image is not None]
+    images = (
+        torch.stack([image for _, image in good])
+        if good
+        else torch.empty(0, 3, size, size, dtype=torch.uint8)
+    )
+    return [i for i, _ in good], images, {i: why for i, _, why in items if why is not None}
+
+
+def stream_images(
+    paths: Sequence[Path],
+    size: int,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    pin_memory: bool = False,
+) -> Iterator[tuple[list[int], torch.Tensor, dict[int, str]]]:
+    """Decode `paths` in DataLoader workers, in order, a batch at a time.
+
+    Yields (indices into `paths` of the images decoded in this batch, their uint8 (B, 3, size,
+    size) tensor, {index: why} for the files of this batch that could not be read), so that one
+    bad file is a row with its error rather than the end of the run. Memory holds a few batches
+    (two per worker). `num_workers=None`: the usable cores (no more than there are batches).
+    """
+    batches = -(-len(paths) // batch_size)
+    workers = min(usable_cores() if num_workers is None else num_workers, batches)
+    yield from DataLoader(
+        DecodeDataset(paths, size),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=partial(collate_decoded, size=size),
+        pin_memory=pin_memory,
+    )
+
+
+def list_inputs(path: str | Path | None, key: str = "inputs") -> list[Path]:
+    """An image file, or the images of a folder and its sub-folders (sorted; hidden files and
+    folders and junk ignored); a UserError naming `key` when there are none."""
+    fix = f"Fix: {key}=<an image file or a folder of images>"
+    if path is None or not str(path):
+        raise UserError(f"no {key} given. {fix}")
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise UserError(f"{key} {path} not found. {fix}")
+    found = []
+    for folder, dirs, files in os.walk(path, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [p for p in (Path(folder) / f for f in files) if is_image(p)]
+    if not found:
+        kinds = " ".join(sorted(IMAGE_EXTENSIONS))
+        raise UserError(f"no images ({kinds}) in the folder {path} or its sub-folders. {fix}")
+    return sorted(found)
+
+
+def input_classes(paths: Sequence[Path], root: str | Path) -> list[str] | None:
+    """Each image's sub-folder of `root` (its class in a folder such as validation/<class>/),
+    or None unless every image sits in a sub-folder of `root`."""
+    root = Path(root)
+    try:
+        parts = [p.relative_to(root).parts for p in paths]
+    except ValueError:  # not under root
+        return None
+    return [p[0] for p in parts] if parts and all(len(p) > 1 for p in parts) else None
+
+
+def shown(value: Any) -> str:
+    """A value as it would be written on the command line."""
+    return (
+        "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    )
+
+
+def check_settings(
+    val_fraction: float,
+    test_fraction: float,
+    folds: int | None,
+    fold: int,
+    num_workers: int | str,
+    in_memory: bool | str,
+    memory_limit_gb: float | None,
+) -> None:
+    """A one-line UserError for a data setting of the wrong type or range (the same wording as
+    src.checks, for a data module built without the command line)."""
+
+    def number(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    def whole(v: Any, low: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    folds_ok = folds is None or whole(folds, 2)
+    last_fold = folds - 1 if folds_ok and folds is not None else 0
+    rules: list[tuple[str, Any, bool, str, str]] = [
+        ("val_fraction", val_fraction, number(val_fraction) and 0 < val_fraction < 1,
+         "a number between 0 and 1", "0.1"),
+        ("test_fraction", test_fraction, number(test_fraction) and 0 <= test_fraction < 1,
+         "a number from 0 (the test set is then the val split) to below 1", "0.1"),
+        ("folds", folds, folds_ok, "null or a whole number, at least 2", "5"),
+        ("fold", fold, whole(fold, 0) and fold <= last_fold,
+         f"a whole number from 0 to {last_fold} (data.folds={shown(folds)})", "0"),
+        ("num_workers", num_workers, num_workers == "auto" or whole(num_workers, 0),
+         "auto or a whole number, at least 0", "auto"),
+        ("in_memory", in_memory, in_memory in ("auto", True, False),
+         "auto, true or false", "auto"),
+        ("memory_limit_gb", memory_limit_gb,
+         memory_limit_gb is None or (number(memory_limit_gb) and memory_limit_gb > 0),
+         "null or a number above 0", "8"),
+    ]  # fmt: skip
+    for key, value, valid, what, example in rules:
+        if not valid:
+            raise UserError(
+                f"data.{key}={shown(value)} is invalid: it must be {what}. "
+                f"Fix: e.g. data.{key}={example}"
+            )
+    if folds is None and val_fraction + test_fraction >= 1:
+        raise UserError(
+            f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} leave no "
+            "training images. Fix: fractions that add up to less than 1, e.g. 0.1 and 0.1"
+        )
 
 
 class ImageFolderData(L.LightningDataModule):
-    """`<root>/training/<class>/*` split into train/val; test = `<root>/validation/` if present.
+    """`<root>/training/<class>/*` split into train/val/test, or train/val with test =
+    `<root>/validation/`; or one fold of a K-fold cross-validation (`folds`, `fold`).
 
-    Images are decoded and resized once per run and kept in memory as uint8
-    (3 x image_size^2 bytes each: 75 KiB at 160 px, so 10,000 images take 0.7 GiB).
+    Decoded images take 3 x image_size^2 bytes each (75 KiB at 160 px: 10,000 take 0.7 GiB).
+    `in_memory="auto"` keeps them in memory when they fit `memory_limit_gb` (null: half of the
+    available memory) and training runs in one process, else streams them from disk: decoded per
+    item in `num_workers` DataLoader workers (auto: the usable cores, per device).
     """
 
     def __init__(
@@ -299,61 +814,206 @@ class ImageFolderData(L.LightningDataModule):
         batch_size: int = 32,
         val_fraction: float = 0.1,
         seed: int = 0,
-        num_workers: int = 0,
-        train_transform=None,
+        num_workers: int | str = "auto",
+        train_transform: Callable | None = None,
         on_bad_image: str = "fail",
+        *,
+        test_fraction: float = 0.1,
+        folds: int | None = None,
+        fold: int = 0,
+        in_memory: bool | str = "auto",
+        memory_limit_gb: float | None = None,
+        scan_cache: str | None = None,
+        pin_memory: bool | None = None,
     ) -> None:
         super().__init__()
+        check_settings(
+            val_fraction, test_fraction, folds, fold, num_workers, in_memory, memory_limit_gb
+        )
         self.root = Path(root)
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
-        self.train_transform, self.seed = train_transform, seed
-        self.classes, training, test = read_folder(self.root, on_bad_image)
-        self.train_split, self.val_split = stratified_split(training, val_fraction, seed)
-        if not self.train_split.paths or not self.val_split.paths:
-            raise UserError(
-                f"data.val_fraction={val_fraction} splits the {len(training.paths)} training "
-                f"images into {len(self.train_split.paths)} for training and "
-                f"{len(self.val_split.paths)} for validation; both need some. "
-                "Fix: add images, or change data.val_fraction"
+        self.train_transform, self.seed, self.pin_memory = train_transform, seed, pin_memory
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.folds, self.fold = folds, fold
+        self.classes, training, validation = read_folder(self.root, on_bad_image, scan_cache)
+        carve_val = val_fraction if validation is None else None
+        if folds is not None:
+            parts = kfold_split(training, self.classes, folds, fold, carve_val, seed)
+        else:
+            test = test_fraction if validation is None else 0
+            parts = holdout_split(training, self.classes, val_fraction, test, seed)
+        everything = Split(
+            training.paths + (validation.paths if validation else []),
+            training.labels + (validation.labels if validation else []),
+        )
+        if validation is not None:
+            parts["test"] = list(range(len(training.paths), len(everything.paths)))
+        self.test_is_val = not parts["test"]
+        if self.test_is_val:
+            parts["test"] = parts["val"]
+            log.warning(
+                "data.test_fraction=0 and no %s: the test set is the validation split, so the "
+                "test accuracy is of the images that chose the checkpoint (optimistic). Fix: "
+                "data.test_fraction=0.1, or a validation/ folder",
+                self.root / "validation",
             )
-        self.test_is_val = test is None
-        self.test_split = self.val_split if test is None else test
+        self._all, self._indices = everything, parts
+        self.train_split, self.val_split, self.test_split = (
+            Split([everything.paths[i] for i in ids], [everything.labels[i] for i in ids])
+            for ids in (parts["train"], parts["val"], parts["test"])
+        )
+        if self.test_is_val:
+            self.test_split = self.val_split
+        self.in_memory = in_memory
+        self.streaming = not self.fits_in_memory(memory_limit_gb)
         self.datasets: dict[str, Dataset] = {}
 
+    @classmethod
+    def from_record(cls, root: str, record: dict[str, Any], **kwargs: Any) -> "ImageFolderData":
+        """The data module of `root` with the split of `record` (`split_record()` of a training
+        run), or a UserError when the folder no longer gives that split."""
+        data = cls(root, **kwargs, **split_settings(record))
+        data.check_split(record)
+        return data
+
+    def fits_in_memory(self, limit_gb: float | None) -> bool:
+        """Whether to decode the images into memory (`in_memory`; auto: when they fit the limit)."""
+        if self.in_memory != "auto":
+            return bool(self.in_memory)
+        need = len(self._all.paths) * 3 * self.image_size**2
+        limit, source = memory_limit(limit_gb)
+        fits = need <= limit
+        log.info(
+            "%d decoded images at %d px take %.2f GiB, the in-memory limit is %.2f GiB (%s): %s",
+            len(self._all.paths),
+            self.image_size,
+            need / 2**30,
+            limit / 2**30,
+            source,
+            "decoded once into memory" if fits else "streamed: decoded per batch in workers",
+        )
+        return fits
+
+    @property
+    def workers(self) -> int:
+        """DataLoader worker processes: `num_workers`, or for auto the usable cores divided among
+        this node's devices when streaming, none in memory (the images are decoded already)."""
+        if self.num_workers != "auto":
+            return int(self.num_workers)
+        if not self.streaming:
+            return 0
+        devices = self.trainer.num_devices if self.trainer is not None else 1
+        return max(1, usable_cores() // devices)
+
     def setup(self, stage: str | None = None) -> None:
-        """Decode each split's images once (later calls reuse them)."""
+        """Build each split's dataset once (later calls reuse them): decoded into memory, or
+        streamed. Under DDP the images are streamed, so that each rank reads only its share."""
         if self.datasets:
             return
-        if self.test_is_val:
-            log.warning("no %s: the test set is the validation split", self.root / "validation")
+        if not self.streaming and (ranks := world_size(self.trainer)) > 1:
+            (log.warning if self.in_memory is True else log.info)(
+                "%d processes train together: streaming the images instead of decoding them all "
+                "into memory in each, so that each reads only its share",
+                ranks,
+            )
+            self.streaming = True
         for name, split in self.splits().items():
-            images = decode_all(split.paths, self.image_size)
+            if name == "test" and self.test_is_val:
+                self.datasets[name] = self.datasets["val"]
+                continue
             transform = self.train_transform if name == "train" else None
-            self.datasets[name] = ImagesDataset(images, torch.tensor(split.labels), transform)
+            labels = torch.tensor(split.labels)
+            if self.streaming:
+                dataset = StreamingDataset(
+                    split.paths, labels, self.image_size, transform, self.seed
+                )
+            else:
+                images = decode_all(split.paths, self.image_size)
+                dataset = ImagesDataset(images, labels, transform, self.seed)
+            self.datasets[name] = dataset
 
     def splits(self) -> dict[str, Split]:
         """The file lists of the train, val and test splits."""
         return {"train": self.train_split, "val": self.val_split, "test": self.test_split}
 
+    def all_images(self) -> list[Path]:
+        """Every image of the folder once (training/, then validation/), in a fixed order: what a
+        frozen backbone's features are computed of, once for every split and fold."""
+        return self._all.paths
+
+    def split_indices(self) -> dict[str, list[int]]:
+        """Per split, the positions of its images in `all_images()` (test = val's when
+        `test_is_val`): features of all images, indexed by these, give each split's."""
+        return {name: list(indices) for name, indices in self._indices.items()}
+
+    def split_record(self) -> dict[str, Any]:
+        """The split's settings and, per split, its image count and the sha256 of its sorted
+        (relative path, class) list: stored with a checkpoint to find the same split again."""
+        return {
+            "seed": self.seed,
+            "val_fraction": self.val_fraction,
+            "test_fraction": self.test_fraction,
+            "folds": self.folds,
+            "fold": self.fold,
+            "test_is_val": self.test_is_val,
+            "splits": {
+                name: {"count": len(s.paths), "sha256": split_hash(s, self.root, self.classes)}
+                for name, s in self.splits().items()
+            },
+        }
+
+    def check_split(self, record: dict[str, Any]) -> None:
+        """A one-line UserError when this module's split differs from `record`'s."""
+        settings = " ".join(f"data.{k}={shown(v)}" for k, v in split_settings(record).items())
+        then = record.get("splits")
+        if not isinstance(then, dict):
+            raise UserError(
+                "not a split record (no splits): it comes from ImageFolderData.split_record(). "
+                "Fix: a checkpoint of a training run that stored it"
+            )
+        for name, now in self.split_record()["splits"].items():
+            if then.get(name) != now:
+                count = then[name].get("count") if isinstance(then.get(name), dict) else None
+                raise UserError(
+                    f"the {name} split of {self.root} ({now['count']} images) is not the one of "
+                    f"the training run ({shown(count)} images). Fix: the training run's settings "
+                    f"{settings}, and data.root=<the folder it was trained on, unchanged>"
+                )
+
+    def state_dict(self) -> dict[str, Any]:
+        """What Lightning stores in each checkpoint (under the key "ImageFolderData"): the split
+        record, for `checkpoint_split`."""
+        return {"split": self.split_record()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Lightning's call on a resume (or a test) from a checkpoint: a UserError unless this
+        is the split that the checkpoint was trained on."""
+        self.check_split(state_dict["split"])
+
     def use_features(self, features: dict[str, torch.Tensor]) -> None:
         """Serve precomputed backbone features instead of images (a frozen backbone's cache)."""
         for name, split in self.splits().items():
-            self.datasets[name] = TensorDataset(features[name], torch.tensor(split.labels))
+            self.datasets[name] = ImagesDataset(features[name], torch.tensor(split.labels))
 
     def _loader(self, name: str, sampler: Sampler | None = None) -> DataLoader:
+        self.setup()  # a no-op once set up; needed where Lightning set up other processes (DDP)
         dataset = self.datasets[name]
+        pin = self.pin_memory
+        if pin is None:
+            pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
             # a last training batch of one image would break BatchNorm in a training backbone
             drop_last=sampler is not None and len(dataset) % self.batch_size == 1,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=self.workers,
+            persistent_workers=self.workers > 0,
+            pin_memory=pin,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", EpochShuffle(len(self.datasets["train"]), self.seed))
+        return self._loader("train", EpochShuffle(len(self.train_split.paths), self.seed))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")

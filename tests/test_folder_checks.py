@@ -18,7 +18,7 @@ from src.errors import UserError
 
 
 def data(root: Path, val_fraction: float = 0.3, **kwargs) -> ImageFolderData:
-    """The data module of `root` at 16 px (a class of 2 images splits 1 + 1)."""
+    """The data module of `root` at 16 px (a class of 3 images splits 1 + 1 + 1)."""
     return ImageFolderData(str(root), image_size=16, val_fraction=val_fraction, **kwargs)
 
 
@@ -156,7 +156,7 @@ def test_decompression_bomb_is_a_bad_image(tmp_path: Path, monkeypatch: pytest.M
 def test_too_small_images_are_used_with_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    root = make_folder(tmp_path / "d", per_class=2)
+    root = make_folder(tmp_path / "d", per_class=3)
     Image.new("RGB", (1, 1), (9, 200, 9)).save(root / "training" / "class_1" / "dot.png")
     with caplog.at_level(logging.WARNING, logger="src.data"):
         folder = data(root)
@@ -165,7 +165,7 @@ def test_too_small_images_are_used_with_a_warning(
         decode(root / "training" / "class_1" / "dot.png", 16)
         == torch.tensor([9, 200, 9]).view(3, 1, 1)
     ).all()
-    assert any(p.name == "dot.png" for p in folder.train_split.paths + folder.val_split.paths)
+    assert any(p.name == "dot.png" for split in folder.splits().values() for p in split.paths)
 
 
 def test_sixteen_bit_images_scale_to_eight_bits(tmp_path: Path) -> None:
@@ -198,7 +198,50 @@ def test_exif_rotation_is_applied(tmp_path: Path) -> None:
     assert image[2, 6, 4] > 200 and image[0, 6, 4] < 50  # bottom row blue
 
 
-def test_val_fraction_leaving_no_validation_images(tmp_path: Path) -> None:
+def test_a_class_too_small_for_the_split_is_named_with_its_count(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "d", per_class=4)
+    for name in ("image0.png", "image1.png"):
+        (root / "training" / "class_1" / name).unlink()
+    with pytest.raises(UserError) as caught:
+        data(root, val_fraction=0.1, test_fraction=0.1)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "the class(es) class_1 (2 image(s)) without an image in some split" in message
+    assert "class_0" not in message and "class_2" not in message
+    assert "Fix: add images to them, or other fractions" in message
+    assert len(data(root, val_fraction=0.1, test_fraction=0).train_split.paths) == 7  # 3 + 1 + 3
+
+
+def test_a_class_too_small_for_the_folds_is_named(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "d", per_class=4, validation=1)
+    with pytest.raises(UserError, match=r"data.folds=5 leaves the class\(es\) class_0 \(4 image"):
+        data(root, folds=5)
+
+
+def test_validation_folder_lacking_a_class(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "d", per_class=3, validation=1)
+    shutil.rmtree(root / "validation" / "class_2")
+    with pytest.raises(UserError, match=r"no images in .*validation/class_2: the test set"):
+        data(root)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"test_fraction": 1.0}, "data.test_fraction=1.0 is invalid: it must be a number from 0"),
+        ({"test_fraction": -0.1}, "data.test_fraction=-0.1 is invalid"),
+        ({"val_fraction": 0.6, "test_fraction": 0.5}, "leave no training images. Fix:"),
+        ({"folds": 1}, "data.folds=1 is invalid: it must be null or a whole number, at least 2"),
+        ({"folds": 3, "fold": 3}, "data.fold=3 is invalid: it must be a whole number from 0 to 2"),
+        ({"fold": 1}, r"data.fold=1 is invalid: .* from 0 to 0 \(data.folds=null\)"),
+        ({"folds": True}, "data.folds=true is invalid"),
+        ({"in_memory": "maybe"}, "data.in_memory=maybe is invalid: it must be auto, true or false"),
+        ({"num_workers": -1}, "data.num_workers=-1 is invalid: it must be auto or a whole number"),
+        ({"memory_limit_gb": 0}, "data.memory_limit_gb=0 is invalid: it must be null or a number"),
+    ],
+)
+def test_invalid_settings_are_one_line_errors(tmp_path: Path, settings: dict, message: str):
     root = make_folder(tmp_path / "d", per_class=3)
-    with pytest.raises(UserError, match=r"data.val_fraction=0.1 splits the 9 training images"):
-        data(root, val_fraction=0.1)
+    with pytest.raises(UserError, match=message) as caught:
+        data(root, **settings)
+    assert "\n" not in str(caught.value) and "Fix: " in str(caught.value)
