@@ -33,7 +33,17 @@ BEST_STATE = (
 
 
 def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
-    """The checkpoint at `path` on the CPU, read without running anything it holds.
+    """The checkpoint at `path` on the CPU (`read_weights_only`), with its model's state."""
+    checkpoint = read_weights_only(path, mmap)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise UserError(
+            f"{path} is not a checkpoint of src.train (it holds no 'state_dict'). {CKPT_FIX}"
+        )
+    return checkpoint
+
+
+def read_weights_only(path: str | Path, mmap: bool = False) -> Any:
+    """What torch.save wrote to `path`, on the CPU, read without running anything it holds.
 
     `weights_only=True` (explicit, so TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot turn it off)
     rebuilds only tensors, containers and primitive values. That is all this trainer's
@@ -64,12 +74,7 @@ def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
         raise UserError(
             f"{path} is not a checkpoint of src.train ({type(err).__name__}: {first}). {CKPT_FIX}"
         ) from err
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise UserError(
-            f"{path} is not a checkpoint of src.train (it holds no 'state_dict'). {CKPT_FIX}"
-        )
     return checkpoint
-
 
 
 def upgrade(ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -78,7 +83,7 @@ def upgrade(ckpt: dict[str, Any]) -> dict[str, Any]:
     Version 1 held torchvision's `.features` as `backbone.*` and named timm's TF EfficientNet-
     Lite0 `efficientnet_lite0`, which in timm is another architecture.
     """
-    if RECORD in ckpt:
+    if RECORD in ckpt or "hyper_parameters" not in ckpt:
         return ckpt
     hparams = dict(ckpt["hyper_parameters"])
     backbone = dict(hparams["backbone"])
@@ -106,8 +111,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(
         self, path: str | Path, map_location: Any | None = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
-        """`read_checkpoint(path)`: weights only, even where a caller asks for a full unpickle."""
-        return upgrade(read_checkpoint(path))
+        """Weights only, even where a caller asks for a full unpickle. Besides checkpoints,
+        Lightning reads the model state that ddp_spawn's rank 0 hands to the main process."""
+        checkpoint = read_weights_only(path)
+        return upgrade(checkpoint) if isinstance(checkpoint, dict) else checkpoint
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None

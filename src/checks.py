@@ -37,7 +37,11 @@ RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     "optimizer.lr": (lambda v: number(v) and v > 0, "a number above 0", "1e-4"),
     "data.val_fraction": (lambda v: number(v) and 0 < v < 1, "a number between 0 and 1", "0.1"),
     "data.on_bad_image": (lambda v: v in ("fail", "skip"), "fail or skip", "skip"),
-    "data.num_workers": (whole(0), "a whole number, at least 0", "0"),
+    "data.num_workers": (
+        lambda v: v == "auto" or whole(0)(v),
+        "auto or a whole number, at least 0",
+        "auto",
+    ),
     "cache_features": (lambda v: v in ("auto", True, False), "auto, true or false", "auto"),
 }
 

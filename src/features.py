@@ -6,6 +6,7 @@ import itertools
 import json
 import logging
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,9 @@ from filelock import FileLock
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from src.data import ImageFolderData, decode_all
-from src.inference import apply, chunks
+from src.data import ImageFolderData, progress, stream_images
+from src.errors import UserError
+from src.inference import outputs
 from src.model import TransferModel
 
 log = logging.getLogger(__name__)
@@ -44,18 +46,14 @@ def cache_key(
     backbone: dict[str, Any], data: ImageFolderData, precision: str, device: torch.device
 ) -> str:
     """Hash of everything the features depend on: backbone, weights, size, precision, device
-    type, library versions and the files (path, size, mtime)."""
+    type, library versions and every image of the folder (path, size, mtime), so one cache
+    serves every split and fold of it."""
     weights = backbone.get("weights")
-    files = {
-        name: [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in split.paths]
-        for name, split in data.splits().items()
-    }
+    files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in data.all_images()]
     if weights and Path(weights).is_file():
-        files["weights"] = [
-            (weights, Path(weights).stat().st_size, Path(weights).stat().st_mtime_ns)
-        ]
+        files.append((weights, Path(weights).stat().st_size, Path(weights).stat().st_mtime_ns))
     key = {
-        "format": 2,  # bump when decoding or extraction changes
+        "format": 3,  # bump when decoding or extraction changes
         "backbone": backbone,
         "image_size": data.image_size,
         "precision": precision,
@@ -113,22 +111,56 @@ def fold_batchnorm(backbone: nn.Module, sample: torch.Tensor) -> nn.Module:
 
 def extract(
     model: TransferModel,
-    batches: list[torch.Tensor] | Any,
+    batches: Iterable[torch.Tensor],
     device: torch.device,
     bf16: bool,
+    total: int | None = None,
 ) -> torch.Tensor:
-    """Pooled features of uint8 image batches, in float32, computed in eval mode."""
+    """Pooled features of uint8 image batches, in float32, computed in eval mode.
+
+    Written into one tensor as the batches come (from a streaming loader, decoding overlaps the
+    compute), so memory holds the features and a few batches, never all the images.
+    """
     model.eval()
     batches = iter(batches)
     first = next(batches)
-    sample = model.normalise(first[:2])
-    backbone = fold_batchnorm(model.backbone, sample).to(device)
+    backbone = fold_batchnorm(model.backbone, model.normalise(first[:2])).to(device)
     model.to(device)
-    features = apply(
+    features = None
+    done = 0
+    for out in outputs(
         lambda x: backbone(model.normalise(x)), itertools.chain([first], batches), device, bf16
-    )
+    ):
+        if features is None:
+            features = torch.empty(total or len(out), out.shape[1])
+        if done + len(out) > len(features):  # no total given: grow
+            features = torch.cat([features, torch.empty(len(out), out.shape[1])])
+        features[done : done + len(out)] = out
+        done += len(out)
     model.cpu()
-    return features
+    return features[:done]
+
+
+def extract_folder(
+    model: TransferModel, data: ImageFolderData, device: torch.device, bf16: bool, batch_size: int
+) -> torch.Tensor:
+    """Features of every image of the folder, streamed through DataLoader workers."""
+    paths = data.all_images()
+
+    def images() -> Iterator[torch.Tensor]:
+        for _, batch, errors in progress(
+            stream_images(
+                paths, data.image_size, batch_size, data.workers or None, device.type == "cuda"
+            ),
+            -(-len(paths) // batch_size),
+            "extracting features",
+        ):
+            if errors:
+                index, why = next(iter(errors.items()))
+                raise UserError(f"cannot decode {paths[index]}: {why}. Fix: replace or delete it")
+            yield batch
+
+    return extract(model, images(), device, bf16, total=len(paths))
 
 
 def cached_features(
@@ -142,35 +174,38 @@ def cached_features(
 ) -> dict[str, torch.Tensor]:
     """Features of every split: from `cache_dir` when valid, else extracted (and saved there).
 
-    A file lock beside the cache file makes concurrent jobs with the same key (a sweep's
-    parallel jobs) extract once: the first extracts, the others wait and read its file.
+    The cache holds one row per image of the folder, for every split and fold. A file lock
+    beside it makes concurrent jobs with the same key (a sweep's parallel jobs) extract once:
+    the first extracts, the others wait and read its file.
     """
     precision = "bf16" if bf16 else "fp32"
     if cache_dir is None:
-        return extract_splits(model, data, device, bf16, batch_size)
-    path = Path(cache_dir) / f"{cache_key(backbone, data, precision, device)}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(path.with_suffix(".lock")):
-        if path.is_file():
-            log.info("features from cache %s", path)
-            return torch.load(path, weights_only=True)
-        features = extract_splits(model, data, device, bf16, batch_size)
-        partial = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save(features, partial)
-        os.replace(partial, path)  # atomic: a reader without the lock sees all or nothing
-        log.info("features cached in %s", path)
-    return features
+        features = extract_folder(model, data, device, bf16, batch_size)
+    else:
+        path = Path(cache_dir) / f"{cache_key(backbone, data, precision, device)}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(path.with_suffix(".lock")):
+            if path.is_file():
+                log.info("features from cache %s", path)
+                features = read_features(path)
+            else:
+                features = extract_folder(model, data, device, bf16, batch_size)
+                partial = path.with_suffix(f".{os.getpid()}.tmp")
+                torch.save(features, partial)
+                os.replace(partial, path)  # atomic: a reader without the lock sees all or none
+                log.info("features cached in %s", path)
+    return {name: features[indices] for name, indices in data.split_indices().items()}
 
 
-def extract_splits(
-    model: TransferModel, data: ImageFolderData, device: torch.device, bf16: bool, batch_size: int
-) -> dict[str, torch.Tensor]:
-    """Extract each split's features (the test split reuses val's when it is the val split)."""
-    features = {}
-    for name, split in data.splits().items():
-        if name == "test" and data.test_is_val:
-            features[name] = features["val"]
-            continue
-        images = decode_all(split.paths, data.image_size)
-        features[name] = extract(model, chunks(images, batch_size), device, bf16)
+def read_features(path: Path) -> torch.Tensor:
+    """A cache file's features (weights-only: a foreign file runs no code), or a UserError."""
+    try:
+        features = torch.load(path, weights_only=True)
+    except Exception as err:  # torch raises many types for a broken or foreign file
+        raise UserError(
+            f"cannot read the feature cache {path} ({type(err).__name__}). Fix: delete it (it is "
+            "rebuilt), or cache_dir=null"
+        ) from err
+    if not isinstance(features, torch.Tensor):
+        raise UserError(f"{path} is not a feature cache. Fix: delete it (it is rebuilt)")
     return features

@@ -46,6 +46,25 @@ def chunks(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
     return (images[start : start + batch_size] for start in range(0, len(images), batch_size))
 
 
+def outputs(
+    fn: Callable[[torch.Tensor], torch.Tensor | np.ndarray],
+    batches: Iterable[torch.Tensor],
+    device: torch.device,
+    bf16: bool = False,
+    grad: bool = False,
+) -> Iterator[torch.Tensor]:
+    """`fn` of each batch on `device`, one float32 CPU tensor per batch, as they come.
+
+    The one inference loop: features, logits and Grad-CAM maps. `grad=False` runs under
+    inference mode; `bf16` under bf16 autocast (as a bf16-mixed training run computes).
+    """
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    with torch.enable_grad() if grad else torch.inference_mode(), autocast:
+        for batch in batches:
+            out = fn(batch.to(device, non_blocking=True))
+            yield torch.as_tensor(out).detach().float().cpu()
+
+
 def apply(
     fn: Callable[[torch.Tensor], torch.Tensor | np.ndarray],
     batches: Iterable[torch.Tensor],
@@ -53,18 +72,8 @@ def apply(
     bf16: bool = False,
     grad: bool = False,
 ) -> torch.Tensor:
-    """`fn` of each batch on `device`, concatenated on the CPU in float32.
-
-    The one inference loop: features, logits and Grad-CAM maps. `grad=False` runs under
-    inference mode; `bf16` under bf16 autocast (as a bf16-mixed training run computes).
-    """
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    outputs = []
-    with torch.enable_grad() if grad else torch.inference_mode(), autocast:
-        for batch in batches:
-            out = fn(batch.to(device, non_blocking=True))
-            outputs.append(torch.as_tensor(out).detach().float().cpu())
-    return torch.cat(outputs)
+    """`outputs` concatenated."""
+    return torch.cat(list(outputs(fn, batches, device, bf16, grad)))
 
 
 def logits(

@@ -161,11 +161,8 @@ class TransferModel(L.LightningModule):
             self.log(f"{prefix}{name}", metric, on_step=False, on_epoch=True, batch_size=len(y))
         return loss
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
-        """The batch's loss; None (no optimizer step) when the head was fitted beforehand, so
-        the epoch only validates and checkpoints the fitted model."""
-        loss = self._step(batch, "train", "train/")
-        return None if self.fitted_head else loss
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return self._step(batch, "train", "train/")
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
         self._step(batch, "val", "val/")
@@ -225,6 +222,8 @@ class TransferModel(L.LightningModule):
         return [{"params": head, "name": "head"}, {"params": backbone, "name": "backbone"}]
 
     def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
+        if self.fitted_head:  # lr 0: the epoch only validates and checkpoints the fitted head
+            return torch.optim.SGD(self.head.parameters(), lr=0.0)
         if self.optimizer is None:
             raise RuntimeError("TransferModel needs an optimizer factory to train")
         optimizer = self.optimizer(self.parameter_groups())

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,14 @@ def test_intervals(metrics: dict[str, float], n: int) -> dict[str, Any]:
     }
 
 
+def tested_images(trainer: L.Trainer, data: Any) -> int:
+    """How many test images the test metrics cover (all, unless limit_test_batches cuts)."""
+    images, limit = len(data.test_split.paths), trainer.limit_test_batches
+    if isinstance(limit, int):
+        return min(images, limit * data.batch_size)
+    return min(images, math.ceil(math.ceil(images / data.batch_size) * limit) * data.batch_size)
+
+
 def train(cfg: DictConfig) -> float:
     """Test, train, test again; log and checkpoint under `cfg.output_dir`; return the objective."""
     start = time.perf_counter()
@@ -161,7 +170,7 @@ def train(cfg: DictConfig) -> float:
     data = instantiate(cfg.data)
     check_resume(cfg.ckpt_path, cfg, data.classes)
     model = build_model(cfg, data.classes)
-    model.record = {"settings": run_settings(cfg)}
+    model.record = {"settings": run_settings(cfg), "split": data.split_record()}
     print(parameter_summary(model))
     if cfg.compile:
         model.backbone.compile()
@@ -210,7 +219,7 @@ def train(cfg: DictConfig) -> float:
     trainer.fit(model, data, ckpt_path=cfg.ckpt_path)
     after = trainer.test(model, data, ckpt_path="best", verbose=False)[0]
     best = read_checkpoint(checkpoint.best_model_path, mmap=True)
-    n_test = min(len(data.test_split.paths), trainer.num_test_batches[0] * data.batch_size)
+    n_test = tested_images(trainer, data)
     result = {
         **hyperparameters(cfg),
         "head_fit": fit,
@@ -219,6 +228,7 @@ def train(cfg: DictConfig) -> float:
         **after,
         **test_intervals(before | after, n_test),
         "n_test": n_test,
+        "split": data.split_record(),
         "trainable_params": sum(p.numel() for p in trainable_parameters(model)),
         "total_params": sum(p.numel() for p in model.parameters()),
         "val/acc": float(best["callbacks"][checkpoint.state_key]["best_model_score"]),

@@ -41,6 +41,7 @@ def compose_cfg(overrides: list[str], output_dir: Path) -> DictConfig:
     with open_dict(cfg):
         cfg.output_dir = str(output_dir)
         cfg.cache_dir = str(output_dir / "cache")
+        cfg.data.scan_cache = str(output_dir / "scan")
     return cfg
 
 

@@ -31,6 +31,7 @@ def tiny(image_root: Path, out: Path, *overrides: str) -> DictConfig:
     """The tiny CPU run (see conftest) for 3 epochs of Adam, then `overrides`."""
     return compose_cfg(
         [
+            "head_fit=recipe",
             "backbone.weights=null",
             "data=imagefolder",
             f"data.root={image_root}",

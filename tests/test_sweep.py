@@ -195,12 +195,13 @@ def test_experiments_have_the_published_settings(name: str, backbone: str, freez
     )
     assert (cfg.optimizer._target_, cfg.optimizer.lr) == ("torch.optim.RMSprop", 1e-4)
     assert (cfg.trainer.max_epochs, cfg.image_size, cfg.batch_size) == (50, 160, 32)
+    assert cfg.head_fit == "recipe"  # the published fit: RMSprop's 50 epochs
 
 
 def test_offline_experiments_sweep_with_freeze_overrides() -> None:
     lite0 = compose_with_hydra(["experiment=offline_efficientnet_lite0", "freeze=false"])
     assert (lite0.backbone.name, lite0.backbone.weights, lite0.freeze) == (
-        "efficientnet_lite0",
+        "tf_efficientnet_lite0",
         "imagenet",
         False,
     )

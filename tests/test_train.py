@@ -103,7 +103,8 @@ def test_command_line_run_writes_events_checkpoints_and_result(image_root, tmp_p
     lines = done.stdout.splitlines()
     assert "Total params: 2,227,715" in lines and "Trainable params: 3,843" in lines
     result = [line for line in lines if line.startswith("RESULT ")]
-    assert len(result) == 1 and "backbone=mobilenet_v2 freeze=True before_test_acc=" in result[0]
+    assert len(result) == 1
+    assert "backbone=mobilenet_v2 freeze=True head_fit=probe before_test_acc=" in result[0]
     assert list(run_dir.glob("events.out.tfevents.*"))
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "checkpoints" / "best.ckpt").is_file()
