@@ -5,6 +5,7 @@ dir and logs the figures to TensorBoard.
 """
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +16,20 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 from torchmetrics.functional.classification import (
+    multiclass_accuracy,
     multiclass_confusion_matrix,
     multiclass_f1_score,
     multiclass_precision,
     multiclass_recall,
 )
 
-from src.data import ImageFolderData, decode_all
+from src.data import ImageFolderData, decode_all, split_settings
 from src.errors import UserError, exit_on_user_error
 from src.figures import confusion_matrix_figure, image_grid_figure
-from src.inference import chunks, load_checkpoint, logits, pick_device
+from src.inference import load_checkpoint, logits_of_files, pick_device
+from src.stats import wilson_interval
+
+log = logging.getLogger(__name__)
 
 
 def class_metrics(preds: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
@@ -56,15 +61,18 @@ def markdown_report(metrics: dict[str, Any]) -> str:
         f"| **{name}** | " + " | ".join(str(v) for v in counts) + " |"
         for name, counts in zip(classes, metrics["confusion_matrix"], strict=True)
     ]
-    source = "the validation split of training/ (no validation/ folder)"
+    source = "the val split of training/, which chose the checkpoint (data.test_fraction=0)"
     return "\n".join(
         [
             f"# Evaluation of {metrics['checkpoint']}",
             "",
             f"Test set: {metrics['n_images']} images of {metrics['data_root']}, "
-            + (source if metrics["test_is_val"] else "validation/"),
+            + (source if metrics["test_is_val"] else metrics["test_source"]),
             "",
-            f"- test accuracy: **{metrics['test_acc']:.4f}**",
+            f"- test accuracy: **{metrics['test_acc']:.4f}** (95% interval "
+            f"{metrics['test_acc_ci95'][0]:.4f}-{metrics['test_acc_ci95'][1]:.4f}, Wilson)",
+            f"- balanced accuracy: {metrics['test_balanced_acc']:.4f}, macro F1: "
+            f"{metrics['macro_avg']['f1']:.4f}",
             f"- test loss: {metrics['test_loss']:.4f}",
             f"- misclassified: {metrics['n_misclassified']}",
             "",
@@ -94,7 +102,18 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate `cfg.ckpt_path` on `cfg.data`'s test set; write and log the report."""
     model = load_checkpoint(cfg.ckpt_path)
     classes = list(model.hparams.classes)
-    data: ImageFolderData = instantiate(cfg.data, image_size=model.hparams.image_size)
+    record = model.record.get("split")  # the training run's split: its seed and fractions
+    data: ImageFolderData = instantiate(
+        cfg.data, image_size=model.hparams.image_size, **(split_settings(record) if record else {})
+    )
+    if record is None:
+        log.warning(
+            "%s records no split (written before splits were recorded): without validation/, "
+            "its test split may hold images it trained on",
+            cfg.ckpt_path,
+        )
+    elif not (data.root / "validation").is_dir():
+        data.check_split(record)  # the same held-out images, or one line saying why not
     if data.classes != classes:
         raise UserError(
             f"the data's classes {data.classes} differ from the checkpoint's {classes}. "
@@ -103,9 +122,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     split = data.test_split
     if not split.paths:
         raise UserError(f"no test images in {data.root}. Fix: data.root=<a folder with images>")
-    images = decode_all(split.paths, data.image_size)
     labels = torch.tensor(split.labels)
-    scores = logits(model, chunks(images, cfg.batch_size), pick_device(cfg.device))
+    scores, errors = logits_of_files(model, split.paths, pick_device(cfg.device), cfg.batch_size)
+    if errors:
+        i, why = next(iter(errors.items()))
+        raise UserError(f"cannot decode {split.paths[i]}: {why}. Fix: replace or delete it")
     probs = scores.softmax(1)
     preds = probs.argmax(1)
     wrong = (preds != labels).nonzero().flatten()
@@ -114,8 +135,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "checkpoint": str(cfg.ckpt_path),
         "data_root": str(data.root),
         "test_is_val": data.test_is_val,
+        "test_source": "validation/"
+        if (data.root / "validation").is_dir()
+        else "the held-out test split of training/ (it chose nothing)",
         "n_images": len(labels),
         "test_acc": float((preds == labels).float().mean()),
+        "test_acc_ci95": list(wilson_interval(int((preds == labels).sum()), len(labels))),
+        "test_balanced_acc": float(multiclass_accuracy(preds, labels, len(classes), "macro")),
         "test_loss": float(F.cross_entropy(scores, labels)),
         "n_misclassified": len(wrong),
         **class_metrics(preds, labels, classes),
@@ -135,7 +161,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             torch.tensor(metrics["confusion_matrix"]), classes
         ),
         "misclassified": image_grid_figure(
-            images[shown],
+            decode_all([split.paths[i] for i in shown], data.image_size),
             [
                 f"true: {classes[labels[i]]}\npred: {classes[preds[i]]} ({probs[i, preds[i]]:.2f})"
                 for i in shown

@@ -84,6 +84,26 @@ def logits(
     return apply(lambda x: model.head(x) if x.ndim == 2 else model(x), batches, device, bf16)
 
 
+def logits_of_files(
+    model: TransferModel, paths: list[Path], device: torch.device, batch_size: int = 64
+) -> tuple[torch.Tensor, dict[int, str]]:
+    """Class logits of image files, decoded in streaming batches, and {index: why} for the files
+    that could not be read (their rows are NaN): a bad file is a row, not the end of the run."""
+    from src.data import stream_images
+
+    model.eval().to(device)
+    scores = torch.full((len(paths), len(model.hparams.classes)), float("nan"))
+    errors: dict[int, str] = {}
+    with torch.inference_mode():
+        for indices, images, bad in stream_images(
+            paths, model.hparams.image_size, batch_size, pin_memory=device.type == "cuda"
+        ):
+            errors |= bad
+            if indices:
+                scores[indices] = model(images.to(device, non_blocking=True)).float().cpu()
+    return scores, errors
+
+
 def target_layer(model: TransferModel, name: str | None = None) -> nn.Module:
     """The module Grad-CAM reads: `name` (a dotted module name) or the backbone's own choice."""
     name = name or f"backbone.{model.spec.cam_layer}"

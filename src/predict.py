@@ -9,26 +9,10 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from src.data import IMAGE_EXTENSIONS, decode_all, list_images
+from src.data import input_classes, list_inputs
 from src.errors import UserError, exit_on_user_error
-from src.inference import chunks, load_checkpoint, logits, pick_device
-
-
-def image_paths(inputs: str | None) -> list[Path]:
-    """`inputs` as a list of image files: the file itself or the images directly in a folder."""
-    fix = "Fix: inputs=<an image file or a folder of images>"
-    if not inputs:
-        raise UserError(f"no inputs given. {fix}")
-    path = Path(inputs)
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise UserError(f"inputs {path} not found. {fix}")
-    paths = list_images(path)
-    if not paths:
-        kinds = " ".join(sorted(IMAGE_EXTENSIONS))
-        raise UserError(f"no images ({kinds}) directly in folder {path}. {fix}")
-    return paths
+from src.inference import load_checkpoint, logits_of_files, pick_device
+from src.stats import wilson_interval
 
 
 def top_k(probs: torch.Tensor, classes: list[str], k: int) -> list[list[tuple[str, float]]]:
@@ -40,10 +24,18 @@ def top_k(probs: torch.Tensor, classes: list[str], k: int) -> list[list[tuple[st
     ]
 
 
-def format_table(paths: list[Path], tops: list[list[tuple[str, float]]]) -> str:
-    """A fixed-width table: one row per image, `class probability` per rank."""
-    cells = [[f"{name} {p:.3f}" for name, p in top] for top in tops]
-    header = ["image"] + [f"top{rank + 1}" for rank in range(len(cells[0]))]
+def format_table(
+    paths: list[Path], tops: list[list[tuple[str, float]]], errors: dict[int, str]
+) -> str:
+    """A fixed-width table: one row per image, `class probability` per rank, or its error."""
+    ranks = len(tops[0])
+    cells = [
+        [f"error: {errors[i]}"] + [""] * (ranks - 1)
+        if i in errors
+        else [f"{name} {p:.3f}" for name, p in top]
+        for i, top in enumerate(tops)
+    ]
+    header = ["image"] + [f"top{rank + 1}" for rank in range(ranks)]
     rows = [header] + [[str(path)] + row for path, row in zip(paths, cells, strict=True)]
     widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
@@ -51,26 +43,53 @@ def format_table(paths: list[Path], tops: list[list[tuple[str, float]]]) -> str:
 
 
 def predict(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Print and write (`predictions.csv`, `predictions.json`) the top-k classes of each input."""
+    """Print and write (`predictions.csv`, `predictions.json`) the top-k classes of each input.
+
+    Inputs are an image or a folder searched recursively, decoded in streaming batches; an
+    unreadable file is a row with its error. When the images sit in sub-folders named after
+    the checkpoint's classes (validation/<class>/...), the accuracy is printed too.
+    """
     if cfg.top_k < 1:
         raise UserError(f"top_k={cfg.top_k} must be at least 1. Fix: top_k=3")
-    paths = image_paths(cfg.inputs)
+    paths = list_inputs(cfg.inputs)
     model = load_checkpoint(cfg.ckpt_path)
-    images = decode_all(paths, model.hparams.image_size)
-    probs = logits(model, chunks(images, 64), pick_device(cfg.device)).softmax(1)
-    tops = top_k(probs, list(model.hparams.classes), cfg.top_k)
-    out = Path(cfg.output_dir)
+    classes = list(model.hparams.classes)
+    scores, errors = logits_of_files(model, paths, pick_device(cfg.device))
+    tops = top_k(scores.nan_to_num(0).softmax(1), classes, cfg.top_k)
+    truth = input_classes(paths, cfg.inputs) if Path(cfg.inputs).is_dir() else None
     records = [
-        {"image": str(path), "top": [{"class": c, "probability": p} for c, p in top]}
-        for path, top in zip(paths, tops, strict=True)
+        {"image": str(path)}
+        | (
+            {"error": errors[i]}
+            if i in errors
+            else {"top": [{"class": c, "probability": p} for c, p in tops[i]]}
+        )
+        | ({"true": truth[i]} if truth else {})
+        for i, path in enumerate(paths)
     ]
+    out = Path(cfg.output_dir)
     (out / "predictions.json").write_text(json.dumps(records, indent=2))
     with open(out / "predictions.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["image", "rank", "class", "probability"])
-        for path, top in zip(paths, tops, strict=True):
-            writer.writerows([path, rank + 1, c, f"{p:.6f}"] for rank, (c, p) in enumerate(top))
-    print(format_table(paths, tops))
+        writer.writerow(["image", "rank", "class", "probability", "error"])
+        for i, path in enumerate(paths):
+            if i in errors:
+                writer.writerow([path, "", "", "", errors[i]])
+            else:
+                writer.writerows(
+                    [path, rank + 1, c, f"{p:.6f}", ""] for rank, (c, p) in enumerate(tops[i])
+                )
+    print(format_table(paths, tops, errors))
+    if truth and set(truth) <= set(classes):
+        read = [i for i in range(len(paths)) if i not in errors]
+        right = sum(tops[i][0][0] == truth[i] for i in read)
+        low, high = wilson_interval(right, len(read)) if read else (float("nan"),) * 2
+        print(
+            f"accuracy {right / max(1, len(read)):.4f} ({right} of {len(read)} images by their "
+            f"folder's class; 95% interval {low:.4f}-{high:.4f})"
+        )
+    if errors:
+        print(f"{len(errors)} file(s) could not be read: their rows say why")
     print(f"predictions written to {out / 'predictions.csv'} and predictions.json")
     return records
 

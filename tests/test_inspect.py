@@ -1,6 +1,7 @@
 """Evaluate, predict, explain and export a trained checkpoint; the training run's final figures."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,8 @@ from omegaconf import DictConfig, open_dict
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from src.data import decode, list_images
+import src.eval
+from src.data import ImageFolderData, decode, list_images
 from src.errors import UserError
 from src.eval import evaluate
 from src.explain import explain
@@ -152,7 +154,7 @@ def test_predict_top_k_from_checkpoint_class_names(tiny: dict[str, Path], tmp_pa
         assert len(probs) == 2 and probs[0] >= probs[1] and sum(probs) <= 1 + 1e-6
         assert {t["class"] for t in record["top"]} <= {"class_0", "class_1", "class_2"}
     rows = (tmp_path / "a/predictions.csv").read_text().splitlines()
-    assert rows[0] == "image,rank,class,probability" and len(rows) == 1 + 4 * 2
+    assert rows[0] == "image,rank,class,probability,error" and len(rows) == 1 + 4 * 2
     assert json.loads((tmp_path / "a/predictions.json").read_text()) == records
     one = folder / "image0.png"
     cfg = command_cfg(
@@ -164,6 +166,25 @@ def test_predict_top_k_from_checkpoint_class_names(tiny: dict[str, Path], tmp_pa
     assert [t["class"] for t in record["top"][:2]] == [t["class"] for t in records[0]["top"]]
     for alone, in_batch in zip(record["top"], records[0]["top"], strict=False):
         assert alone["probability"] == pytest.approx(in_batch["probability"], abs=1e-5)
+
+
+def test_predict_on_a_class_folder_reports_rows_accuracy_and_bad_files(
+    tiny: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    folder = tmp_path / "validation"
+    shutil.copytree(tiny["root"] / "validation", folder)
+    (folder / "class_0" / "broken.png").write_bytes(b"not an image")
+    cfg = command_cfg("predict", [f"ckpt_path={tiny['ckpt']}", f"inputs={folder}"], tmp_path / "a")
+    records = predict(cfg)
+    assert len(records) == 3 * 4 + 1  # searched recursively, the bad file a row of its own
+    broken = next(r for r in records if r["image"].endswith("broken.png"))
+    assert "error" in broken and "top" not in broken
+    good = [r for r in records if "top" in r]
+    assert {r["true"] for r in good} == {"class_0", "class_1", "class_2"}
+    right = sum(r["top"][0]["class"] == r["true"] for r in good)
+    out = capsys.readouterr().out
+    assert f"accuracy {right / 12:.4f} ({right} of 12 images by their folder's class" in out
+    assert "1 file(s) could not be read" in out
 
 
 def test_predict_cli_prints_a_table(tiny: dict[str, Path], tmp_path: Path) -> None:
@@ -295,3 +316,28 @@ def test_export_fails_above_the_tolerance(tiny: dict[str, Path], tmp_path: Path)
     with pytest.raises(UserError, match="do not ship it"):
         export(cfg)
     assert (tmp_path / "out/model.json").is_file()  # written before the verdict, kept
+
+
+def test_eval_with_another_seed_still_tests_on_held_out_images(tmp_path: Path, monkeypatch):
+    root = make_folder(tmp_path / "data", per_class=10)  # no validation/: test from training/
+    weights = calibrated_mobilenet_v2(root, tmp_path / "calibrated.pth")
+    train(compose_cfg(tiny_overrides(root, weights), tmp_path / "run"))
+    built = []
+    real = src.eval.instantiate
+    monkeypatch.setattr(
+        src.eval, "instantiate", lambda *a, **k: built.append(real(*a, **k)) or built[-1]
+    )
+    overrides = [
+        f"ckpt_path={tmp_path / 'run/checkpoints/best.ckpt'}",
+        "data=imagefolder",
+        f"data.root={root}",
+        "seed=7",
+        "logger=none",
+    ]
+    metrics = evaluate(command_cfg("eval", overrides, tmp_path / "eval"))
+    trained = ImageFolderData(str(root), image_size=32, seed=42)  # the training run's split
+    tested = set(built[0].test_split.paths)
+    assert tested == set(trained.test_split.paths) and metrics["n_images"] == len(tested) == 3
+    assert not tested & set(trained.train_split.paths) and not tested & set(trained.val_split.paths)
+    other = ImageFolderData(str(root), image_size=32, seed=7)
+    assert set(other.test_split.paths) != tested  # seed 7 alone would have tested other images
