@@ -35,6 +35,7 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 JUNK_FILES = {"thumbs.db", "desktop.ini"}  # and every hidden file (.DS_Store, macOS's ._x.jpg)
 MAX_LISTED = 20  # bad images named in one message
 MIN_SIDE = 8  # images smaller than this (px) are used, with a warning
+SAMPLERS = ("shuffle", "balanced")
 LAYOUT = "training/<class>/<images> (optionally validation/<class>/<images>)"
 PROGRESS_MIN = 2000  # images from which a progress bar is shown (on a terminal)
 MEMORY_SHARE = 0.5  # data.memory_limit_gb=null: this share of the available memory
@@ -593,6 +594,46 @@ class EpochShuffle(Sampler[EpochIndex]):
         return (EpochIndex(self.epoch, i) for i in order.tolist())
 
 
+class EpochBalanced(EpochShuffle):
+    """Draws (with replacement) as many images per epoch as the split has, each class equally
+    often on average, from the seed and the epoch alone, so it resumes exactly like EpochShuffle.
+    """
+
+    def __init__(self, labels: list[int], seed: int) -> None:
+        super().__init__(len(labels), seed)
+        counts = torch.bincount(torch.tensor(labels)).double()
+        self.weights = (1 / counts)[torch.tensor(labels)]
+
+    def __iter__(self) -> Iterator[EpochIndex]:
+        seed = int(np.random.SeedSequence((self.seed, self.epoch)).generate_state(1)[0])
+        generator = torch.Generator().manual_seed(seed)
+        drawn = torch.multinomial(self.weights, self.size, replacement=True, generator=generator)
+        return (EpochIndex(self.epoch, i) for i in drawn.tolist())
+
+
+def class_counts(split: Split, classes: list[str]) -> list[int]:
+    """Images per class of `split`."""
+    return torch.bincount(torch.tensor(split.labels), minlength=len(classes)).tolist()
+
+
+def warn_if_imbalanced(split: Split, classes: list[str], ratio: float = 3.0) -> None:
+    """One warning when the largest class has `ratio` times the images of the smallest or more."""
+    counts = class_counts(split, classes)
+    large, small = max(range(len(counts)), key=counts.__getitem__), min(
+        range(len(counts)), key=counts.__getitem__
+    )
+    if counts[large] >= ratio * counts[small]:
+        log.warning(
+            "unbalanced classes: %s has %d training images, %s %d. Consider class_weights=auto "
+            "(inverse class frequency in the loss) or sampler=balanced (each class drawn equally "
+            "often)",
+            classes[large],
+            counts[large],
+            classes[small],
+            counts[small],
+        )
+
+
 class LabelledDataset(Dataset):
     """Items with labels and an optional per-image transform (augmentation) seeded per item.
 
@@ -825,8 +866,12 @@ class ImageFolderData(L.LightningDataModule):
         memory_limit_gb: float | None = None,
         scan_cache: str | None = None,
         pin_memory: bool | None = None,
+        sampler: str = "shuffle",
     ) -> None:
         super().__init__()
+        if sampler not in SAMPLERS:
+            raise UserError(f"unknown sampler {sampler!r}. Fix: sampler={'|'.join(SAMPLERS)}")
+        self.sampler = sampler
         check_settings(
             val_fraction, test_fraction, folds, fold, num_workers, in_memory, memory_limit_gb
         )
@@ -1013,6 +1058,8 @@ class ImageFolderData(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        if self.sampler == "balanced":
+            return self._loader("train", EpochBalanced(self.train_split.labels, self.seed))
         return self._loader("train", EpochShuffle(len(self.train_split.paths), self.seed))
 
     def val_dataloader(self) -> DataLoader:

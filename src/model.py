@@ -53,7 +53,8 @@ class TransferModel(L.LightningModule):
     `finetune` (src.finetune.Finetune's fields) chooses when the backbone learns and at which lr;
     `scheduler` is the `scheduler` config group instantiated: `build` (a partial taking the
     optimizer, and `total_steps` when `interval` is `step`), `interval` and `monitor`.
-    `label_smoothing` applies to the training loss only, so val and test losses stay comparable.
+    `label_smoothing` and `class_weights` (one per class, e.g. inverse class frequency) apply to
+    the training loss only, so val and test losses stay comparable.
     """
 
     def __init__(
@@ -66,6 +67,7 @@ class TransferModel(L.LightningModule):
         finetune: dict[str, Any] | None = None,
         label_smoothing: float = 0.0,
         scheduler: dict[str, Any] | None = None,
+        class_weights: list[float] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
@@ -79,6 +81,8 @@ class TransferModel(L.LightningModule):
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.label_smoothing = label_smoothing
+        weights = torch.tensor(class_weights) if class_weights else None
+        self.register_buffer("class_weights", weights, persistent=False)
         self.finetune = Finetune(**(finetune or {}))
         self.backbone_frozen = False
         if self.finetune.frozen_at_start(freeze):
@@ -151,8 +155,13 @@ class TransferModel(L.LightningModule):
         ranks (the loss as a mean weighted by images), so every figure covers all images."""
         x, y = batch
         logits = self.head(x) if x.ndim == 2 else self(x)
-        smoothing = self.label_smoothing if stage == "train" else 0.0
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
+        training = stage == "train"
+        loss = F.cross_entropy(
+            logits.float(),
+            y,
+            weight=self.class_weights if training else None,
+            label_smoothing=self.label_smoothing if training else 0.0,
+        )
         for name, metric in self.metrics[f"{stage}_metrics"].items():
             if name == "loss":
                 metric.update(loss.detach(), len(y))

@@ -111,7 +111,9 @@ def record_failure(
 def job_dirs(sweep_dir: Path) -> list[Path]:
     """The run dirs of a sweep: those holding Hydra's `.hydra/` record or a result.json."""
     dirs = {p.parent.parent for p in sweep_dir.rglob(".hydra/overrides.yaml")}
-    dirs |= {p.parent for p in sweep_dir.rglob("result.json")}
+    dirs |= {  # a cross-validating job's folds are summarised in its own result.json
+        p.parent for p in sweep_dir.rglob("result.json") if not p.parent.name.startswith("fold-")
+    }
     return sorted(dirs)
 
 

@@ -13,11 +13,12 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.callbacks import EpochTimer
 from src.checkpoints import AtomicCheckpointIO, RunCheckpoint, read_checkpoint
 from src.checks import check_config, check_resume, run_settings
+from src.data import class_counts, warn_if_imbalanced
 from src.errors import UserError, exit_on_user_error
 from src.features import cached_features
 from src.finetune import Finetune
@@ -26,7 +27,7 @@ from src.model import TransferModel, parameter_summary, trainable_parameters
 from src.probe import fit_probe
 from src.runtime import keep_freed_memory, quiet_lightning, resolve_precision
 from src.stats import accuracy_ci
-from src.summary import record_failure
+from src.summary import record_failure, write_cv
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: see `__main__` below
@@ -70,6 +71,8 @@ def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
         "scheduler": cfg.scheduler.name,
         "augment": cfg.augment.name,
         "label_smoothing": cfg.label_smoothing,
+        "class_weights": str(cfg.class_weights),
+        "sampler": cfg.sampler,
         "optimizer": cfg.optimizer._target_.rsplit(".", 1)[-1],
         "lr": cfg.optimizer.lr,
         "batch_size": cfg.batch_size,
@@ -79,8 +82,21 @@ def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def build_model(cfg: DictConfig, classes: list[str]) -> TransferModel:
+def class_weights(cfg: DictConfig, data: Any) -> list[float] | None:
+    """`class_weights=auto`: inverse class frequency of the training split, mean 1."""
+    if cfg.class_weights is None:
+        return None
+    if cfg.class_weights != "auto":
+        raise UserError(
+            f"class_weights={cfg.class_weights} is invalid. Fix: class_weights=auto or null"
+        )
+    counts = class_counts(data.train_split, data.classes)
+    return [sum(counts) / (len(counts) * count) for count in counts]
+
+
+def build_model(cfg: DictConfig, data: Any) -> TransferModel:
     """The network, loss, optimizer and fine-tuning schedule that `cfg` asks for."""
+    classes = data.classes
     return TransferModel(
         backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
         classes=classes,
@@ -90,6 +106,7 @@ def build_model(cfg: DictConfig, classes: list[str]) -> TransferModel:
         finetune=OmegaConf.to_container(cfg.finetune, resolve=True),
         label_smoothing=cfg.label_smoothing,
         scheduler=instantiate(cfg.scheduler, _convert_="all"),
+        class_weights=class_weights(cfg, data),
     )
 
 
@@ -169,7 +186,9 @@ def train(cfg: DictConfig) -> float:
     out = Path(cfg.output_dir)
     data = instantiate(cfg.data)
     check_resume(cfg.ckpt_path, cfg, data.classes)
-    model = build_model(cfg, data.classes)
+    if cfg.class_weights is None and cfg.sampler == "shuffle":
+        warn_if_imbalanced(data.train_split, data.classes)
+    model = build_model(cfg, data)
     model.record = {"settings": run_settings(cfg), "split": data.split_record()}
     print(parameter_summary(model))
     if cfg.compile:
@@ -256,13 +275,56 @@ def train(cfg: DictConfig) -> float:
     return float(result[cfg.objective])
 
 
+CV_METRICS = ["val/acc", "test/acc", "test/balanced_acc", "test/macro_f1", "test/loss"]
+
+
+def cross_validate(cfg: DictConfig) -> float:
+    """`folds=K`: one run per fold in `<run dir>/fold-<i>/` (TensorBoard names them so), then
+    cv.csv and cv.md in the run dir; returns the mean objective over the folds.
+
+    Every fold's data is the same folder's, so a frozen backbone's per-image feature cache is
+    extracted by the first fold and read by the others.
+    """
+    out = Path(cfg.output_dir)
+    rows = []
+    for fold in range(cfg.folds):
+        fold_cfg = cfg.copy()
+        with open_dict(fold_cfg):
+            fold_cfg.folds = None
+            fold_cfg.data.folds, fold_cfg.data.fold = cfg.folds, fold
+            fold_cfg.output_dir = str(out / f"fold-{fold}")
+            if fold_cfg.cache_dir is None:  # one extraction for all folds all the same
+                fold_cfg.cache_dir = str(out / "features")
+        train(fold_cfg)
+        rows.append(json.loads((out / f"fold-{fold}" / "result.json").read_text()))
+    metrics = [m for m in dict.fromkeys([cfg.objective, *CV_METRICS]) if m in rows[0]]
+    print(write_cv(out, rows, metrics))
+    means = {m: sum(row[m] for row in rows) / len(rows) for m in metrics}
+    result = (
+        hyperparameters(cfg)
+        | means
+        | {"folds": cfg.folds, "wall_s": sum(r["wall_s"] for r in rows)}
+    )
+    (out / "result.json").write_text(json.dumps(result, indent=2))  # the job's row in a sweep
+    return means[cfg.objective]
+
+
+def run(cfg: DictConfig) -> float:
+    """`train`, or `cross_validate` with `folds` set."""
+    if cfg.folds is None:
+        return train(cfg)
+    if not isinstance(cfg.folds, int) or isinstance(cfg.folds, bool) or cfg.folds < 2:
+        raise UserError(f"folds={cfg.folds} is invalid: it must be 2 or more. Fix: e.g. folds=5")
+    return cross_validate(cfg)
+
+
 @exit_on_user_error
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 @record_failure
 def main(cfg: DictConfig) -> float:
     """Command-line entry: Hydra composes `cfg` from conf/ and the overrides."""
     keep_freed_memory()
-    return train(cfg)
+    return run(cfg)
 
 
 if __name__ == "__main__":

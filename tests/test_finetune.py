@@ -59,7 +59,7 @@ def staged_cfg(image_root: Path, out: Path, *overrides: str) -> DictConfig:
 def build(cfg: DictConfig) -> tuple[TransferModel, L.LightningDataModule]:
     """The model and data that `train(cfg)` builds."""
     data = instantiate(cfg.data)
-    return build_model(cfg, data.classes), data
+    return build_model(cfg, data), data
 
 
 def state(trainer: L.Trainer, model: TransferModel) -> dict:

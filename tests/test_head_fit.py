@@ -10,12 +10,13 @@ from conftest import compose_cfg, tiny_overrides
 from omegaconf import DictConfig
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import src.features
 import src.train
 from src.data import ImageFolderData
 from src.features import cached_features
 from src.model import TransferModel
 from src.probe import fit_probe
-from src.train import fit_head_by_probe, train
+from src.train import fit_head_by_probe, run, train
 
 LITE0 = {"_target_": "src.backbones.timm_backbone", "name": "tf_efficientnet_lite0"}
 BACKBONE = LITE0 | {"weights": "imagenet"}  # shipped ImageNet weights: features with class signal
@@ -107,3 +108,22 @@ def test_lpft_resumes_exactly(tiny_cfg: DictConfig) -> None:
     assert straight["epoch"] == again["epoch"] == 1
     for name, tensor in straight["state_dict"].items():
         assert torch.equal(again["state_dict"][name], tensor), name
+
+
+def test_folds_cross_validate_in_one_command_and_extract_once(tiny_cfg, monkeypatch) -> None:
+    calls = []
+    real = src.features.extract_folder
+    monkeypatch.setattr(
+        src.features, "extract_folder", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    out = Path(tiny_cfg.output_dir)
+    objective = run(compose_cfg(overrides(tiny_cfg, "folds=3"), out))
+    assert len(calls) == 1  # a frozen backbone's features, once for all folds
+    lines = (out / "cv.csv").read_text().splitlines()
+    assert lines[0].startswith("fold,val/acc,test/acc")
+    assert [line.split(",")[0] for line in lines[1:]] == ["0", "1", "2", "mean", "std"]
+    folds = [json.loads((out / f"fold-{i}/result.json").read_text()) for i in range(3)]
+    assert [f["split"]["fold"] for f in folds] == [0, 1, 2]
+    assert objective == pytest.approx(sum(f["val/acc"] for f in folds) / 3)
+    assert json.loads((out / "result.json").read_text())["folds"] == 3
+    assert "val/acc:" in (out / "cv.md").read_text()

@@ -123,7 +123,7 @@ def test_lightning_loads_refuse_a_crafted_file(root: Path, tmp_path: Path) -> No
         AtomicCheckpointIO().load_checkpoint(path, weights_only=False)
     cfg = compose_cfg(tiny_overrides(root), tmp_path / "run")
     data = instantiate(cfg.data)
-    model = build_model(cfg, data.classes)
+    model = build_model(cfg, data)
     trainer = L.Trainer(
         accelerator="cpu",
         max_epochs=1,
