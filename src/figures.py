@@ -8,7 +8,6 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.figure import Figure
-from pytorch_grad_cam.utils.image import show_cam_on_image
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 from src.data import ImageFolderData, decode_all
@@ -59,6 +58,8 @@ def image_grid_figure(images: torch.Tensor, titles: list[str], title: str, cols:
 
 def overlay(image: torch.Tensor, heatmap: np.ndarray) -> np.ndarray:
     """A uint8 image (3, H, W) blended with its [0, 1] heatmap (H, W) in the jet colour map."""
+    from pytorch_grad_cam.utils.image import show_cam_on_image  # OpenCV: only for heatmaps
+
     rgb = image.permute(1, 2, 0).numpy().astype(np.float32) / 255
     return show_cam_on_image(rgb, heatmap, use_rgb=True)
 

@@ -22,7 +22,6 @@ from src.data import class_counts, warn_if_imbalanced
 from src.errors import UserError, exit_on_user_error
 from src.features import cached_features
 from src.finetune import Finetune
-from src.lr_find import find_lr
 from src.model import TransferModel, parameter_summary, trainable_parameters
 from src.probe import fit_probe
 from src.runtime import keep_freed_memory, quiet_lightning, resolve_precision
@@ -129,35 +128,48 @@ def head_fit(cfg: DictConfig, cached: bool) -> str:
 
 def fit_head_by_probe(
     model: TransferModel, data: Any, features: dict[str, torch.Tensor], cfg: DictConfig, logger: Any
-) -> float:
-    """Fit `model`'s head as a linear probe on the cached train features, its L2 strength chosen
-    on the val split; log one point per grid value; return the chosen strength."""
+) -> dict[str, float]:
+    """Fit `model`'s head as a linear probe on cached features: the L2 strength chosen on the
+    val split (fits on train), then refitted at that strength on train+val (`probe.refit:
+    trainval`, every image the test never sees) or train; log one point per grid value.
+
+    Returns the chosen strength and the val loss and accuracy it was chosen by, which stay
+    honest when the refit has seen the val images.
+    """
     labels = {name: torch.tensor(split.labels) for name, split in data.splits().items()}
+    args = (len(model.hparams.classes),)
     fit = fit_probe(
         features["train"],
         labels["train"],
         features["val"],
         labels["val"],
-        len(model.hparams.classes),
+        *args,
         l2_grid=cfg.probe.l2_grid,
         select=cfg.probe.select,
     )
+    chosen, sweep = next(p for p in fit.grid if p["l2"] == fit.l2), fit.grid
+    if cfg.probe.refit == "trainval":
+        both = torch.cat([features["train"], features["val"]])
+        fit = fit_probe(
+            both, torch.cat([labels["train"], labels["val"]]), features["val"], labels["val"],
+            *args, l2_grid=[fit.l2],
+        )  # fmt: skip
     with torch.no_grad():
         model.head.weight.copy_(fit.weight)
         model.head.bias.copy_(fit.bias)
     if logger:
-        for step, point in enumerate(fit.grid):
+        for step, point in enumerate(sweep):
             logger.log_metrics({f"probe/{key}": value for key, value in point.items()}, step)
-        logger.log_metrics({"probe/chosen_l2": fit.l2}, len(fit.grid))
-    chosen = next(p for p in fit.grid if p["l2"] == fit.l2)
+        logger.log_metrics({"probe/chosen_l2": chosen["l2"]}, len(sweep))
     log.info(
-        "linear probe: l2=%.3g chosen by val %s (val loss %.4f, val acc %.4f)",
-        fit.l2,
+        "linear probe: l2=%.3g chosen by val %s (val loss %.4f, val acc %.4f), refitted on %s",
+        chosen["l2"],
         cfg.probe.select,
         chosen["val_loss"],
         chosen["val_acc"],
+        cfg.probe.refit,
     )
-    return fit.l2
+    return chosen
 
 
 def test_intervals(metrics: dict[str, float], n: int) -> dict[str, Any]:
@@ -227,13 +239,15 @@ def train(cfg: DictConfig) -> float:
     if cached:
         data.use_features(features)
     if cfg.lr_find:
+        from src.lr_find import find_lr  # matplotlib's pyplot: only for the finder's plot
+
         return find_lr(trainer, model, data, out)
     model.test_phase = "before"
     before = trainer.test(model, data, verbose=False)[0]
     model.test_phase = "test"
-    probe_l2 = None
+    probe = None
     if fit == "probe" or lpft:
-        probe_l2 = fit_head_by_probe(model, data, features, cfg, logger)
+        probe = fit_head_by_probe(model, data, features, cfg, logger)
         model.fitted_head = fit == "probe"
     trainer.fit(model, data, ckpt_path=cfg.ckpt_path)
     after = trainer.test(model, data, ckpt_path="best", verbose=False)[0]
@@ -242,7 +256,7 @@ def train(cfg: DictConfig) -> float:
     result = {
         **hyperparameters(cfg),
         "head_fit": fit,
-        "probe_l2": probe_l2,
+        "probe_l2": probe["l2"] if probe else None,
         **before,
         **after,
         **test_intervals(before | after, n_test),
@@ -250,7 +264,10 @@ def train(cfg: DictConfig) -> float:
         "split": data.split_record(),
         "trainable_params": sum(p.numel() for p in trainable_parameters(model)),
         "total_params": sum(p.numel() for p in model.parameters()),
-        "val/acc": float(best["callbacks"][checkpoint.state_key]["best_model_score"]),
+        # a probe refitted on train+val has seen val: its val/acc is the one that chose it
+        "val/acc": float(best["callbacks"][checkpoint.state_key]["best_model_score"])
+        if fit != "probe" or cfg.probe.refit == "train"
+        else probe["val_acc"],
         "best_epoch": int(best["epoch"]),
         "first_epoch_s": timer.seconds[0] if timer.seconds else None,
         "mean_epoch_s": sum(timer.seconds) / len(timer.seconds) if timer.seconds else None,
