@@ -23,6 +23,7 @@ import numpy as np
 import PIL
 import torch
 import torch.distributed as dist
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2.functional import pil_to_tensor
@@ -1040,9 +1041,13 @@ class ImageFolderData(L.LightningDataModule):
         for name, split in self.splits().items():
             self.datasets[name] = ImagesDataset(features[name], torch.tensor(split.labels))
 
-    def _loader(self, name: str, sampler: Sampler | None = None) -> DataLoader:
+    def _loader(self, name: str, sampler: Sampler | str | None = None) -> DataLoader:
         self.setup()  # a no-op once set up; needed where Lightning set up other processes (DDP)
         dataset = self.datasets[name]
+        if sampler == "unrepeated":
+            sampler = UnrepeatedDistributedSampler(
+                dataset, world_size(self.trainer), self.trainer.global_rank, shuffle=False
+            )
         pin = self.pin_memory
         if pin is None:
             pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
@@ -1051,7 +1056,7 @@ class ImageFolderData(L.LightningDataModule):
             batch_size=self.batch_size,
             sampler=sampler,
             # a last training batch of one image would break BatchNorm in a training backbone
-            drop_last=sampler is not None and len(dataset) % self.batch_size == 1,
+            drop_last=name == "train" and len(dataset) % self.batch_size == 1,
             num_workers=self.workers,
             persistent_workers=self.workers > 0,
             pin_memory=pin,
@@ -1066,4 +1071,8 @@ class ImageFolderData(L.LightningDataModule):
         return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
+        """Under DDP each rank tests its share without the padding of Lightning's default
+        sampler, so the reduced metrics count every test image exactly once."""
+        if world_size(self.trainer) > 1 and dist.is_available() and dist.is_initialized():
+            return self._loader("test", "unrepeated")
         return self._loader("test")

@@ -85,6 +85,7 @@ class TransferModel(L.LightningModule):
         self.register_buffer("class_weights", weights, persistent=False)
         self.finetune = Finetune(**(finetune or {}))
         self.backbone_frozen = False
+        self.reduce_backbone_gradients = False
         if self.finetune.frozen_at_start(freeze):
             self.freeze_backbone()
         n = len(classes)
@@ -120,10 +121,25 @@ class TransferModel(L.LightningModule):
         self.backbone_frozen = True
 
     def unfreeze_backbone(self) -> None:
-        """Let the backbone learn; with `finetune.bn=frozen` its BatchNorm stays in eval mode."""
+        """Let the backbone learn; with `finetune.bn=frozen` its BatchNorm stays in eval mode.
+
+        DDP all-reduces only the parameters that required gradients when it wrapped the model:
+        a backbone unfrozen later has its gradients all-reduced here (`on_after_backward`), so
+        every rank takes the same step and the ranks keep one model.
+        """
         self.backbone.requires_grad_(True)
         self.backbone_frozen = False
+        self.reduce_backbone_gradients = self._trainer is not None and self.trainer.world_size > 1
         self.train(self.training)
+
+    def on_after_backward(self) -> None:
+        if not self.reduce_backbone_gradients:
+            return
+        world = self.trainer.world_size
+        for parameter in self.backbone.parameters():
+            if parameter.grad is not None:
+                torch.distributed.all_reduce(parameter.grad)
+                parameter.grad /= world
 
     def train(self, mode: bool = True) -> "TransferModel":
         """Keep a frozen backbone (or only its BatchNorm, `finetune.bn=frozen`) in eval mode."""

@@ -1,0 +1,62 @@
+"""Distributed training that gives one model: a staged fine-tune under DDP keeps the ranks equal,
+and a DDP test counts each test image once, as a single process does."""
+
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+import torchvision
+from conftest import compose_cfg, make_folder, tiny_overrides
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import src.train
+from src.callbacks import EpochTimer
+from src.inference import load_checkpoint, logits_of_files
+from src.train import train
+
+
+class RankWeights(EpochTimer):
+    """Saves each rank's backbone after training (module-level: spawned ranks import it)."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        out = Path(trainer.default_root_dir)
+        torch.save(pl_module.backbone.state_dict(), out / f"rank{trainer.global_rank}.pt")
+
+
+def ddp_cfg(root: Path, weights: Path | str, out: Path, *extra: str):
+    base = [*tiny_overrides(root, weights), "trainer=ddp", "trainer.accelerator=cpu"]
+    return compose_cfg([*base, "trainer.devices=2", *extra], out)
+
+
+def test_staged_fine_tune_under_ddp_ends_with_one_model(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(src.train, "EpochTimer", RankWeights)
+    root = make_folder(tmp_path / "data", per_class=8, validation=3)
+    torch.manual_seed(0)
+    start = torchvision.models.mobilenet_v2(weights=None).state_dict()
+    torch.save(start, tmp_path / "start.pth")
+    staged = ["finetune=staged", "finetune.unfreeze_at_epoch=1", "finetune.warmup_epochs=0"]
+    cfg = ddp_cfg(root, tmp_path / "start.pth", tmp_path / "run", *staged,
+                  "trainer.max_epochs=2", "optimizer=adam", "optimizer.lr=1e-2")  # fmt: skip
+    train(cfg)
+    rank0, rank1 = (torch.load(tmp_path / f"run/rank{r}.pt", weights_only=True) for r in (0, 1))
+    for name, tensor in rank0.items():
+        assert torch.equal(tensor, rank1[name]), name  # the ranks did not drift apart
+    assert not torch.equal(rank0["features.0.0.weight"], start["features.0.0.weight"])  # learned
+
+
+def test_ddp_test_counts_each_image_once_like_a_single_process(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "data", per_class=8, validation=5)  # 15: uneven over 2 ranks
+    train(ddp_cfg(root, "null", tmp_path / "ddp", "trainer.max_epochs=1", "logger=tensorboard"))
+    ckpt = tmp_path / "ddp/checkpoints/best.ckpt"
+    model = load_checkpoint(str(ckpt))
+    data = json.loads((tmp_path / "ddp/result.json").read_text())
+    paths = sorted((root / "validation").rglob("*.png"))
+    scores, _ = logits_of_files(model, paths, torch.device("cpu"))
+    labels = torch.tensor([int(p.parent.name[-1]) for p in paths])
+    single = float((scores.argmax(1) == labels).float().mean())
+    assert data["n_test"] == 15
+    assert abs(data["test/acc"] - single) < 1e-6
+    events = EventAccumulator(str(tmp_path / "ddp"), size_guidance={"images": 0})
+    events.Reload()  # the final figures, made in the main process after the spawned ranks
+    assert {"test/confusion_matrix", "test/gradcam"} <= set(events.Tags()["images"])
