@@ -620,8 +620,9 @@ def class_counts(split: Split, classes: list[str]) -> list[int]:
 def warn_if_imbalanced(split: Split, classes: list[str], ratio: float = 3.0) -> None:
     """One warning when the largest class has `ratio` times the images of the smallest or more."""
     counts = class_counts(split, classes)
-    large, small = max(range(len(counts)), key=counts.__getitem__), min(
-        range(len(counts)), key=counts.__getitem__
+    large, small = (
+        max(range(len(counts)), key=counts.__getitem__),
+        min(range(len(counts)), key=counts.__getitem__),
     )
     if counts[large] >= ratio * counts[small]:
         log.warning(
@@ -663,7 +664,7 @@ class LabelledDataset(Dataset):
 
 
 class ImagesDataset(LabelledDataset):
-    """In-memory rows with labels: decoded uint8 images, or precomputed backbone features."""
+    """In-memory rows with labels: decoded uint8 images (or features, see FeaturesDataset)."""
 
     def __init__(
         self,
@@ -677,6 +678,23 @@ class ImagesDataset(LabelledDataset):
 
     def item(self, index: int) -> torch.Tensor:
         return self.images[index]
+
+
+class FeaturesDataset(ImagesDataset):
+    """Cached features and labels, a batch taken by one indexing of each tensor.
+
+    The DataLoader hands `__getitems__` a batch's keys; the default per-item fetch and collation
+    cost more than the head's step on pooled features. The batches are the same as per item.
+    """
+
+    def __getitems__(self, keys: list[int | EpochIndex]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.tensor([k[1] if isinstance(k, tuple) else k for k in keys])
+        return self.images[index], self.labels[index]
+
+    @staticmethod
+    def collate(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch as `__getitems__` made it."""
+        return batch
 
 
 class StreamingDataset(LabelledDataset):
@@ -1039,7 +1057,7 @@ class ImageFolderData(L.LightningDataModule):
     def use_features(self, features: dict[str, torch.Tensor]) -> None:
         """Serve precomputed backbone features instead of images (a frozen backbone's cache)."""
         for name, split in self.splits().items():
-            self.datasets[name] = ImagesDataset(features[name], torch.tensor(split.labels))
+            self.datasets[name] = FeaturesDataset(features[name], torch.tensor(split.labels))
 
     def _loader(self, name: str, sampler: Sampler | str | None = None) -> DataLoader:
         self.setup()  # a no-op once set up; needed where Lightning set up other processes (DDP)
@@ -1060,6 +1078,11 @@ class ImageFolderData(L.LightningDataModule):
             num_workers=self.workers,
             persistent_workers=self.workers > 0,
             pin_memory=pin,
+            **(
+                {"collate_fn": FeaturesDataset.collate}
+                if isinstance(dataset, FeaturesDataset)
+                else {}
+            ),
         )
 
     def train_dataloader(self) -> DataLoader:
