@@ -9,6 +9,7 @@ Both modes give bit-identical batches: augmentation draws from a seed of (seed, 
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -766,6 +767,11 @@ def stream_images(
         num_workers=workers,
         collate_fn=partial(collate_decoded, size=size),
         pin_memory=pin_memory,
+        # fork, as on Linux by default, also inside a joblib (loky) job, whose own default
+        # start method would pickle the dataset's functions by value and fail
+        multiprocessing_context="fork"
+        if workers and "fork" in multiprocessing.get_all_start_methods()
+        else None,
     )
 
 

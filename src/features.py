@@ -17,9 +17,9 @@ from filelock import FileLock
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from src.data import ImageFolderData, progress, stream_images
+from src.data import ImageFolderData, decode_all, progress, stream_images
 from src.errors import UserError
-from src.inference import outputs
+from src.inference import chunks, outputs
 from src.model import TransferModel
 
 log = logging.getLogger(__name__)
@@ -144,8 +144,11 @@ def extract(
 def extract_folder(
     model: TransferModel, data: ImageFolderData, device: torch.device, bf16: bool, batch_size: int
 ) -> torch.Tensor:
-    """Features of every image of the folder, streamed through DataLoader workers."""
+    """Features of every image of the folder: decoded in threads when they fit in memory (as the
+    data module keeps them), else streamed through DataLoader workers."""
     paths = data.all_images()
+    if not data.streaming:
+        return extract(model, chunks(decode_all(paths, data.image_size), batch_size), device, bf16)
 
     def images() -> Iterator[torch.Tensor]:
         for _, batch, errors in progress(

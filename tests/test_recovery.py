@@ -66,10 +66,19 @@ def test_ctrl_c_saves_a_last_checkpoint_to_resume_from(
     finally:
         signal.signal(signal.SIGINT, handler)  # Lightning ignores SIGINT after the first
     last = Path(tiny_cfg.output_dir) / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=False)["global_step"] == 3
+    interrupted = torch.load(last, weights_only=True)
+    assert interrupted["global_step"] == 3 and interrupted["epoch"] == 0
     monkeypatch.undo()
-    resumed, _ = run(tiny_cfg, "resumed", f"ckpt_path={last}")
-    assert resumed["test/acc"] >= 0
+    resumed, resumed_last = run(tiny_cfg, "resumed", f"ckpt_path={last}")
+    straight, _ = run(tiny_cfg, "straight")
+    assert resumed_last["epoch"] == 1  # both epochs ran, the interrupted one completed
+    assert resumed_last["global_step"] > interrupted["global_step"]
+    head, before = (
+        resumed_last["state_dict"]["head.weight"],
+        interrupted["state_dict"]["head.weight"],
+    )
+    assert not torch.equal(head, before)  # it trained on from the saved state
+    assert resumed["test/acc"] == pytest.approx(straight["test/acc"], abs=2 / 12)  # close
 
 
 def test_failed_checkpoint_write_keeps_the_previous_one(

@@ -221,3 +221,23 @@ def test_launchers_ddp_and_search_configs() -> None:
     assert search.objective == "val/acc" and search.hydra.sweeper.direction == "maximize"
     assert set(search.hydra.sweeper.params) == {"optimizer", "optimizer.lr"}
     assert search.hydra.sweeper.sampler.seed == search.seed
+
+
+def test_parallel_jobs_with_the_same_frozen_backbone_extract_once(tmp_path: Path) -> None:
+    """Two jobs side by side (hydra/launcher=parallel) share a feature cache key: the lock makes
+    one extract (VGG19 at 128 px: seconds, long enough for the other to find no file yet) and
+    the other wait and read its file."""
+    root = make_folder(tmp_path / "data", per_class=12, size=128, validation=2)
+    command = [
+        sys.executable, "-m", "src.train", "-m", "hydra/launcher=parallel", "backbone=vgg19",
+        "backbone.weights=null", "data=imagefolder", f"data.root={root}", "image_size=128",
+        "trainer=cpu", "trainer.max_epochs=1", "logger=none", "precision=32-true",
+        "optimizer.lr=1e-3,1e-4", f"cache_dir={tmp_path / 'cache'}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}", f"data.scan_cache={tmp_path / 'scan'}",
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    logs = "".join(p.read_text() for p in (tmp_path / "sweep").rglob("train.log"))
+    assert logs.count("features cached in") == 1
+    assert logs.count("features from cache") == 1
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
