@@ -29,6 +29,15 @@ def make_folder(root: Path, per_class: int = 8, size: int = 24, validation: int 
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for tests of tiny tensors: a second only waits on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def image_root(tmp_path: Path) -> Path:
     """3 classes x 8 training images (24 px) and 3 x 4 validation images."""
     return make_folder(tmp_path / "data", per_class=8, validation=4)

@@ -18,13 +18,7 @@ from tests.conftest import compose_cfg
 LR = 1e-3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: a second thread only waits for the other on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
 
 
 def tiny(image_root: Path, out: Path, *overrides: str) -> DictConfig:

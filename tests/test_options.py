@@ -16,7 +16,9 @@ from src.finetune import Finetune
 from src.lr_find import find_lr
 from src.train import train
 from tests.conftest import compose_cfg
-from tests.test_finetune import build, one_thread, tiny  # noqa: F401 (an autouse fixture)
+from tests.test_finetune import build, tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FINETUNES = ["none", "full", "staged"]
 SCHEDULERS = ["none", "cosine", "plateau", "onecycle"]

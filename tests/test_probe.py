@@ -17,14 +17,7 @@ from src.probe import (
     standardisation,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These problems are tiny: one thread is faster, and unaffected by a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
 
 
 def raw(z: torch.Tensor, scale_range: float, offset: float) -> torch.Tensor:
