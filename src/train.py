@@ -127,11 +127,16 @@ def head_fit(cfg: DictConfig, cached: bool) -> str:
 
 
 def fit_head_by_probe(
-    model: TransferModel, data: Any, features: dict[str, torch.Tensor], cfg: DictConfig, logger: Any
+    model: TransferModel,
+    data: Any,
+    features: dict[str, torch.Tensor],
+    cfg: DictConfig,
+    logger: Any,
+    refit: str,
 ) -> dict[str, float]:
     """Fit `model`'s head as a linear probe on cached features: the L2 strength chosen on the
-    val split (fits on train), then refitted at that strength on train+val (`probe.refit:
-    trainval`, every image the test never sees) or train; log one point per grid value.
+    val split (fits on train), then refitted at that strength on train+val (`trainval`, every
+    image the test never sees) or `train`; log one point per grid value.
 
     Returns the chosen strength and the val loss and accuracy it was chosen by, which stay
     honest when the refit has seen the val images.
@@ -148,7 +153,7 @@ def fit_head_by_probe(
         select=cfg.probe.select,
     )
     chosen, sweep = next(p for p in fit.grid if p["l2"] == fit.l2), fit.grid
-    if cfg.probe.refit == "trainval":
+    if refit == "trainval":
         both = torch.cat([features["train"], features["val"]])
         fit = fit_probe(
             both, torch.cat([labels["train"], labels["val"]]), features["val"], labels["val"],
@@ -167,7 +172,7 @@ def fit_head_by_probe(
         cfg.probe.select,
         chosen["val_loss"],
         chosen["val_acc"],
-        cfg.probe.refit,
+        refit,
     )
     return chosen
 
@@ -247,7 +252,9 @@ def train(cfg: DictConfig) -> float:
     model.test_phase = "test"
     probe = None
     if fit == "probe" or lpft:
-        probe = fit_head_by_probe(model, data, features, cfg, logger)
+        # a fine-tune's epochs are chosen on val: its head must not have seen val
+        refit = cfg.probe.refit if fit == "probe" else "train"
+        probe = fit_head_by_probe(model, data, features, cfg, logger, refit)
         model.fitted_head = fit == "probe"
     trainer.fit(model, data, ckpt_path=cfg.ckpt_path)
     after = trainer.test(model, data, ckpt_path="best", verbose=False)[0]

@@ -58,10 +58,12 @@ def test_the_probe_never_reads_the_test_split(tiny_cfg: DictConfig) -> None:
         model, data, dict(tiny_cfg.backbone), None, torch.device("cpu"), bf16=False
     )
     cfg = compose_cfg(overrides(tiny_cfg), Path(tiny_cfg.output_dir))
-    chosen = fit_head_by_probe(model, data, {k: features[k] for k in ("train", "val")}, cfg, None)
+    chosen = fit_head_by_probe(
+        model, data, {k: features[k] for k in ("train", "val")}, cfg, None, "trainval"
+    )
     head = model.head.weight.clone()
     poisoned = {**features, "test": torch.full_like(features["test"], float("nan"))}
-    assert fit_head_by_probe(model, data, poisoned, cfg, None) == chosen
+    assert fit_head_by_probe(model, data, poisoned, cfg, None, "trainval") == chosen
     assert torch.equal(model.head.weight, head)
 
 
