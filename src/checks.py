@@ -43,6 +43,12 @@ RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
         "auto",
     ),
     "cache_features": (lambda v: v in ("auto", True, False), "auto, true or false", "auto"),
+    "head_fit": (lambda v: v in ("probe", "recipe"), "probe or recipe", "probe"),
+    "probe.select": (lambda v: v in ("loss", "acc"), "loss or acc", "loss"),
+    "probe.refit": (lambda v: v in ("trainval", "train"), "trainval or train", "trainval"),
+    "class_weights": (lambda v: v in (None, "auto"), "auto or null", "auto"),
+    "sampler": (lambda v: v in ("shuffle", "balanced"), "shuffle or balanced", "balanced"),
+    "folds": (lambda v: v is None or whole(2)(v), "null or a whole number, at least 2", "5"),
 }
 
 

@@ -126,19 +126,20 @@ def extract(
     first = next(batches)
     backbone = fold_batchnorm(model.backbone, model.normalise(first[:2])).to(device)
     model.to(device)
-    features = None
-    done = 0
-    for out in outputs(
+    rows = outputs(
         lambda x: backbone(model.normalise(x)), itertools.chain([first], batches), device, bf16
-    ):
-        if features is None:
-            features = torch.empty(total or len(out), out.shape[1])
-        if done + len(out) > len(features):  # no total given: grow
-            features = torch.cat([features, torch.empty(len(out), out.shape[1])])
-        features[done : done + len(out)] = out
-        done += len(out)
+    )
+    if total is None:
+        features = torch.cat(list(rows))
+    else:
+        features, done = None, 0
+        for out in rows:
+            if features is None:
+                features = torch.empty(total, out.shape[1])
+            features[done : done + len(out)] = out
+            done += len(out)
     model.cpu()
-    return features[:done]
+    return features
 
 
 def extract_folder(
@@ -148,7 +149,8 @@ def extract_folder(
     data module keeps them), else streamed through DataLoader workers."""
     paths = data.all_images()
     if not data.streaming:
-        return extract(model, chunks(decode_all(paths, data.image_size), batch_size), device, bf16)
+        images = decode_all(paths, data.image_size)
+        return extract(model, chunks(images, batch_size), device, bf16, total=len(paths))
 
     def images() -> Iterator[torch.Tensor]:
         for _, batch, errors in progress(

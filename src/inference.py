@@ -94,13 +94,19 @@ def logits_of_files(
     model.eval().to(device)
     scores = torch.full((len(paths), len(model.hparams.classes)), float("nan"))
     errors: dict[int, str] = {}
-    with torch.inference_mode():
-        for indices, images, bad in stream_images(
+    decoded: list[list[int]] = []  # the indices of each batch `outputs` takes, in order
+
+    def images() -> Iterator[torch.Tensor]:
+        for indices, batch, bad in stream_images(
             paths, model.hparams.image_size, batch_size, pin_memory=device.type == "cuda"
         ):
-            errors |= bad
+            errors.update(bad)
             if indices:
-                scores[indices] = model(images.to(device, non_blocking=True)).float().cpu()
+                decoded.append(indices)
+                yield batch
+
+    for out in outputs(model, images(), device):
+        scores[decoded.pop(0)] = out
     return scores, errors
 
 

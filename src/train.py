@@ -85,10 +85,6 @@ def class_weights(cfg: DictConfig, data: Any) -> list[float] | None:
     """`class_weights=auto`: inverse class frequency of the training split, mean 1."""
     if cfg.class_weights is None:
         return None
-    if cfg.class_weights != "auto":
-        raise UserError(
-            f"class_weights={cfg.class_weights} is invalid. Fix: class_weights=auto or null"
-        )
     counts = class_counts(data.train_split, data.classes)
     return [sum(counts) / (len(counts) * count) for count in counts]
 
@@ -142,13 +138,13 @@ def fit_head_by_probe(
     honest when the refit has seen the val images.
     """
     labels = {name: torch.tensor(split.labels) for name, split in data.splits().items()}
-    args = (len(model.hparams.classes),)
+    classes = len(model.hparams.classes)
     fit = fit_probe(
         features["train"],
         labels["train"],
         features["val"],
         labels["val"],
-        *args,
+        classes,
         l2_grid=cfg.probe.l2_grid,
         select=cfg.probe.select,
     )
@@ -157,7 +153,7 @@ def fit_head_by_probe(
         both = torch.cat([features["train"], features["val"]])
         fit = fit_probe(
             both, torch.cat([labels["train"], labels["val"]]), features["val"], labels["val"],
-            *args, l2_grid=[fit.l2],
+            classes, l2_grid=[fit.l2],
         )  # fmt: skip
     with torch.no_grad():
         model.head.weight.copy_(fit.weight)
@@ -268,7 +264,7 @@ def train(cfg: DictConfig) -> float:
         **after,
         **test_intervals(before | after, n_test),
         "n_test": n_test,
-        "split": data.split_record(),
+        "split": model.record["split"],
         "trainable_params": sum(p.numel() for p in trainable_parameters(model)),
         "total_params": sum(p.numel() for p in model.parameters()),
         # a probe refitted on train+val has seen val: its val/acc is the one that chose it
@@ -337,8 +333,7 @@ def run(cfg: DictConfig) -> float:
     """`train`, or `cross_validate` with `folds` set."""
     if cfg.folds is None:
         return train(cfg)
-    if not isinstance(cfg.folds, int) or isinstance(cfg.folds, bool) or cfg.folds < 2:
-        raise UserError(f"folds={cfg.folds} is invalid: it must be 2 or more. Fix: e.g. folds=5")
+    check_config(cfg)  # before the first fold: `folds` itself, and what every fold shares
     return cross_validate(cfg)
 
 

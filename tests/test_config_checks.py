@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from src.checkpoints import read_checkpoint
 from src.checks import check_config, check_resume, run_settings
 from src.errors import UserError, exit_on_user_error, user_message
-from src.train import train
+from src.train import run, train
 
 
 @pytest.mark.parametrize(
@@ -34,12 +34,24 @@ from src.train import train
             "data.on_bad_image=ignore is invalid: it must be fail or skip",
         ),
         ("seed=-3", "seed=-3 is invalid"),
+        ("head_fit=prob", "head_fit=prob is invalid: it must be probe or recipe"),
+        ("probe.select=f1", "probe.select=f1 is invalid: it must be loss or acc"),
+        ("probe.refit=all", "probe.refit=all is invalid: it must be trainval or train"),
+        ("class_weights=inverse", "class_weights=inverse is invalid: it must be auto or null"),
+        ("sampler=uniform", "sampler=uniform is invalid: it must be shuffle or balanced"),
     ],
 )
 def test_wrong_values_in_overrides(tiny_cfg: DictConfig, override: str, expected: str) -> None:
     cfg = compose_cfg([*tiny_overrides(tiny_cfg.data.root), override], Path(tiny_cfg.output_dir))
     with pytest.raises(UserError, match=f"^{re.escape(expected)}"):
         train(cfg)
+
+
+def test_too_few_folds_stop_before_the_first_fold(tiny_cfg: DictConfig) -> None:
+    cfg = compose_cfg([*tiny_overrides(tiny_cfg.data.root), "folds=1"], Path(tiny_cfg.output_dir))
+    with pytest.raises(UserError, match=r"^folds=1 is invalid: it must be null or a whole number"):
+        run(cfg)
+    assert not (Path(tiny_cfg.output_dir) / "fold-0").exists()
 
 
 def test_data_root_not_set(tmp_path: Path) -> None:
