@@ -65,8 +65,7 @@ def main() -> None:
         rate = args.images / (time.perf_counter() - start)
         params = sum(p.numel() for p in model.backbone.parameters())
         print(
-            f"| {source} | {name} | {size} | {model.spec.num_features} | {params:,} | "
-            f"{rate:.0f} |"
+            f"| {source} | {name} | {size} | {model.spec.num_features} | {params:,} | {rate:.0f} |"
         )
 
 

@@ -4,10 +4,10 @@ Generates a synthetic JPEG folder in the published layout once (training/<class>
 validation/<class>/; reused when it is there with the same settings), then measures in one
 process the images per second and the peak memory of each phase: the data module's start-up
 (listing, split and image scan, without and with the scan cache), a frozen-feature extraction
-pass over every image (random-weight MobileNetV2 body + global average pooling, eval,
-inference_mode) reading through src.data.stream_images, and fine-tune steps (forward, backward,
-RMSprop; batch 32, 160 px) streamed from disk and, when the images fit in memory, decoded into
-memory first. Writes the table to bench/SCALE.md. Run from the repository root:
+pass over every image (this project's: src.features.extract_folder with a random-weight
+MobileNetV2, streamed through DataLoader workers), and fine-tune steps of this project's model
+(forward, backward, RMSprop; batch 32, 160 px) streamed from disk and, when the images fit in
+memory, decoded into memory first. Writes the table to bench/SCALE.md. Run from the repository root:
 
     python -m bench.scale /tmp/scale-30k --images 30000 --size 256 --classes 6 [--steps 30]
 """
@@ -16,6 +16,7 @@ import argparse
 import json
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,12 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from PIL import Image
-from torch import nn
 
 from bench.train_speed import cpu_model, peak_rss_gib, reset_peak_rss
-from src.data import ImageFolderData, stream_images, usable_cores
+from src.data import ImageFolderData, usable_cores
+from src.features import extract_folder
+from src.model import TransferModel
+from src.runtime import bf16_supported, keep_freed_memory
 
 SIZE, BATCH, EXTRACT_BATCH, WARMUP = 160, 32, 64, 2
 MARKER = ".bench-folder.json"  # the settings a generated folder was made with
@@ -83,6 +85,7 @@ class WorkerPeaks:
 
     def __init__(self) -> None:
         self.peaks: dict[int, int] = {}
+        self.stopped = threading.Event()
 
     def sample(self) -> None:
         for pid in children():
@@ -93,6 +96,15 @@ class WorkerPeaks:
             for line in status.splitlines():
                 if line.startswith("VmHWM:"):
                     self.peaks[pid] = max(self.peaks.get(pid, 0), int(line.split()[1]) * 1024)
+
+    def watch(self, every_s: float = 0.5) -> None:
+        """Sample until `stop()` (run in a thread during a phase that owns its loop)."""
+        self.stopped = threading.Event()
+        while not self.stopped.wait(every_s):
+            self.sample()
+
+    def stop(self) -> None:
+        self.stopped.set()
 
     def largest_gib(self) -> float:
         return max(self.peaks.values(), default=0) / 2**30
@@ -114,36 +126,38 @@ def startup(root: Path, cache: Path, **kwargs: Any) -> tuple[ImageFolderData, fl
     return data, time.perf_counter() - start
 
 
-def backbone_body() -> nn.Module:
-    """Random-weight MobileNetV2 convolutions + global average pooling, in eval mode."""
-    body = torchvision.models.mobilenet_v2(weights=None).features
-    return nn.Sequential(body, nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
-
-
-def to_input(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images as the network's float input (scaled to [0, 1]; the statistics don't matter
-    for speed)."""
-    return images.float().div_(255)
-
-
-@torch.inference_mode()
-def extraction(data: ImageFolderData) -> dict[str, Any]:
-    """One frozen-feature pass over every image of the folder, streamed."""
-    net, peaks, done = backbone_body(), WorkerPeaks(), 0
-    paths = data.all_images()
-    start = time.perf_counter()
-    for _, images, errors in sampled(stream_images(paths, SIZE, EXTRACT_BATCH), peaks):
-        net(to_input(images))
-        done += len(images) + len(errors)
-    seconds = time.perf_counter() - start
-    return {"images": done, "s": seconds, "img/s": done / seconds, "workers": peaks}
-
-
-def finetune(data: ImageFolderData, steps: int, classes: int) -> dict[str, Any]:
-    """`steps` fine-tune steps on the training loader (after WARMUP untimed ones)."""
+def mobilenet_v2(classes: int, freeze: bool) -> TransferModel:
+    """This project's model: random-weight MobileNetV2 with a new head, frozen or learning."""
     torch.manual_seed(0)
-    net = torchvision.models.mobilenet_v2(weights=None, num_classes=classes).train()
-    optimizer = torch.optim.RMSprop(net.parameters(), lr=1e-4)
+    backbone = {"_target_": "src.backbones.torchvision_backbone", "name": "mobilenet_v2"}
+    return TransferModel(
+        {**backbone, "weights": None}, [f"class_{c}" for c in range(classes)], freeze=freeze
+    )
+
+
+def extraction(data: ImageFolderData, classes: int, bf16: bool) -> dict[str, Any]:
+    """One frozen-feature pass over every image of the folder, as a frozen run's cache fill:
+    src.features.extract_folder (streamed through DataLoader workers)."""
+    model, peaks = mobilenet_v2(classes, freeze=True), WorkerPeaks()
+    start = time.perf_counter()
+    sampler = threading.Thread(target=peaks.watch, daemon=True)
+    sampler.start()
+    features = extract_folder(model, data, torch.device("cpu"), bf16, EXTRACT_BATCH)
+    peaks.stop()
+    seconds = time.perf_counter() - start
+    return {
+        "images": len(features),
+        "s": seconds,
+        "img/s": len(features) / seconds,
+        "workers": peaks,
+    }
+
+
+def finetune(data: ImageFolderData, steps: int, classes: int, bf16: bool) -> dict[str, Any]:
+    """`steps` fine-tune steps of this project's model (bf16 autocast where native,
+    channels_last) on the training loader, after WARMUP untimed ones."""
+    model = mobilenet_v2(classes, freeze=False).train()
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=1e-4)
     peaks = WorkerPeaks()
     start = time.perf_counter()
     batches = iter(sampled(data.train_dataloader(), peaks))
@@ -155,7 +169,9 @@ def finetune(data: ImageFolderData, steps: int, classes: int) -> dict[str, Any]:
         if step == 0:
             first = time.perf_counter() - start
         optimizer.zero_grad()
-        F.cross_entropy(net(to_input(images)), labels).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(images).float(), labels)
+        loss.backward()
         optimizer.step()
     seconds = time.perf_counter() - timed
     del batches  # ends the workers
@@ -194,6 +210,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps < 1 or args.images < 10 * args.classes:
         parser.error("--steps must be at least 1, --images at least 10 per class")
+    keep_freed_memory()
+    bf16 = bf16_supported("cpu")
     made = make_folder(args.folder, args.images, args.size, args.classes)
     print(f"folder {args.folder}: {args.images} images, {made}")
     rows = []
@@ -205,9 +223,11 @@ def main() -> None:
                 row(phase, {"images": args.images, "s": seconds, "img/s": args.images / seconds})
             )
         reset_peak_rss()
-        rows.append(row("extract features, streamed", extraction(data)))
+        rows.append(row("extract features, streamed", extraction(data, args.classes, bf16)))
         reset_peak_rss()
-        rows.append(row("fine-tune steps, streamed", finetune(data, args.steps, args.classes)))
+        rows.append(
+            row("fine-tune steps, streamed", finetune(data, args.steps, args.classes, bf16))
+        )
         del data
         memory, _ = startup(args.folder, Path(cache))  # in_memory=auto: only if it fits
         if memory.streaming:
@@ -223,7 +243,7 @@ def main() -> None:
             )
             reset_peak_rss()
             rows.append(
-                row("fine-tune steps, in memory", finetune(memory, args.steps, args.classes))
+                row("fine-tune steps, in memory", finetune(memory, args.steps, args.classes, bf16))
             )
             note = (
                 "In memory, peak RSS includes the decoded images (3 x 160^2 bytes each). "
@@ -236,9 +256,10 @@ def main() -> None:
         f"{args.images:,} synthetic {args.size} px JPEGs in {args.classes} classes (90% "
         f"training/, 10% validation/), decoded to {SIZE} px. One process; streamed loaders use "
         f"{usable_cores()} DataLoader workers (the usable cores). Start-up: the data module's "
-        "construction (listing, image scan, split). Extraction: random-weight MobileNetV2 body + "
-        f"average pooling, fp32, eval, inference_mode, batch {EXTRACT_BATCH}, every image once "
-        "through stream_images. Fine-tune: plain torchvision MobileNetV2, fp32, forward + "
+        "construction (listing, image scan, split). Extraction: this project's frozen-feature "
+        f"pass (src.features.extract_folder: random-weight MobileNetV2, BatchNorm folded, "
+        f"bf16={bf16}, batch {EXTRACT_BATCH}), every image once, streamed. Fine-tune: this "
+        f"project's model (TransferModel, channels_last, bf16 autocast={bf16}), forward + "
         f"backward + RMSprop, batch {BATCH}, {args.steps} timed steps after {WARMUP} untimed "
         "ones (first batch s: from creating the loader to the first batch). Peak RSS: the main "
         "process's VmHWM since the phase began (reset through /proc/self/clear_refs); a "

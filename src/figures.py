@@ -10,7 +10,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.figure import Figure
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
-from src.data import ImageFolderData, decode_all
+from src.data import ImageFolderData, decode_all, minibatches
 from src.inference import chunks, gradcam, logits, target_layer
 from src.model import TransferModel
 
@@ -93,9 +93,9 @@ def log_final_figures(
     if not isinstance(logger, TensorBoardLogger):
         return
     classes = list(model.hparams.classes)
-    loader = data.test_dataloader()
-    scores = logits(model, (x for x, _ in loader), model.device, bf16)
-    labels = torch.cat([y for _, y in loader])
+    batches = [b for batch in data.test_dataloader() for b in minibatches(batch)]
+    scores = logits(model, (x for x, _ in batches), model.device, bf16)
+    labels = torch.cat([y for _, y in batches])
     matrix = multiclass_confusion_matrix(scores.argmax(1), labels, len(classes))
     step = trainer.global_step
     logger.experiment.add_figure(

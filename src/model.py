@@ -15,6 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from src.backbones import Backbone
 from src.checkpoints import RECORD, VERSION, read_checkpoint, upgrade
+from src.data import minibatches
 from src.finetune import Finetune, batchnorm_layers
 from src.runtime import train_strided_depthwise_in_fp32
 
@@ -111,6 +112,7 @@ class TransferModel(L.LightningModule):
         self.test_phase = "test"
         self.fitted_head = False  # True: the head was fitted before training (linear probe)
         self.record: dict[str, Any] = {}  # the run's settings and split, saved in checkpoints
+        self.steps_per_batch = 1  # optimizer steps per training batch (see train_on_chunks)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[RECORD] = {"version": VERSION, **self.record}
@@ -142,11 +144,20 @@ class TransferModel(L.LightningModule):
                 parameter.grad /= world
 
     def train(self, mode: bool = True) -> "TransferModel":
-        """Keep a frozen backbone (or only its BatchNorm, `finetune.bn=frozen`) in eval mode."""
-        super().train(mode)
+        """Keep a frozen backbone (or only its BatchNorm, `finetune.bn=frozen`) in eval mode.
+
+        A frozen backbone is left as it is (in eval mode since it froze) rather than walked
+        twice per call: Lightning switches modes at every epoch and validation."""
         if self.backbone_frozen:
-            self.backbone.eval()
-        elif self.finetune.freeze_bn:
+            self.training = mode
+            for child in self.children():
+                if child is not self.backbone:
+                    child.train(mode)
+            if self.backbone.training:
+                self.backbone.eval()
+            return self
+        super().train(mode)
+        if self.finetune.freeze_bn:
             for layer in batchnorm_layers(self.backbone):
                 layer.eval()
         return self
@@ -165,35 +176,75 @@ class TransferModel(L.LightningModule):
         return self.head(self.features(images))
 
     def _step(
-        self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, prefix: str
+        self,
+        batch: Any,
+        stage: str,
+        prefix: str,
+        learn: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
-        """Loss and metrics of a batch, logged per epoch. The metric objects reduce over DDP
-        ranks (the loss as a mean weighted by images), so every figure covers all images."""
-        x, y = batch
-        logits = self.head(x) if x.ndim == 2 else self(x)
+        """Loss and metrics of a batch's minibatches (one, or a FeatureChunks' run), logged per
+        epoch; `learn` takes each minibatch's loss (the optimizer steps of `train_on_chunks`).
+
+        The loss is averaged per minibatch, as Lightning would; the class metrics count the
+        run's predictions at once. The metric objects reduce over DDP ranks (the loss as a mean
+        weighted by images), so every figure covers all images.
+        """
         training = stage == "train"
-        loss = F.cross_entropy(
-            logits.float(),
-            y,
-            weight=self.class_weights if training else None,
-            label_smoothing=self.label_smoothing if training else 0.0,
-        )
-        for name, metric in self.metrics[f"{stage}_metrics"].items():
-            if name == "loss":
-                metric.update(loss.detach(), len(y))
-            else:
+        metrics = self.metrics[f"{stage}_metrics"]
+        predictions, targets = [], []
+        for x, y in minibatches(batch):
+            logits = self.head(x) if x.ndim == 2 else self(x)
+            loss = F.cross_entropy(
+                logits.float(),
+                y,
+                weight=self.class_weights if training else None,
+                label_smoothing=self.label_smoothing if training else 0.0,
+            )
+            metrics["loss"].update(loss.detach(), len(y))
+            if learn is not None:
+                learn(loss)
+            predictions.append(logits.detach())
+            targets.append(y)
+        logits, y = (torch.cat(predictions), torch.cat(targets)) if len(targets) > 1 else (
+            predictions[0], targets[0]
+        )  # fmt: skip
+        for name, metric in metrics.items():
+            if name != "loss":
                 metric.update(logits, y)
             self.log(f"{prefix}{name}", metric, on_step=False, on_epoch=True, batch_size=len(y))
         return loss
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return self._step(batch, "train", "train/")
+    def training_step(self, batch: Any) -> torch.Tensor | None:
+        """A minibatch's loss for Lightning's optimization; or, training on chunks
+        (`train_on_chunks`), the steps of every minibatch of the batch, taken here."""
+        if self.automatic_optimization:
+            return self._step(batch, "train", "train/")
+        self._step(batch, "train", "train/", self._learn)
+        return None
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def _learn(self, loss: torch.Tensor) -> None:
+        """One optimizer step on `loss`, and the per-step schedulers' (manual optimization)."""
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        for config in self.trainer.lr_scheduler_configs:
+            if config.interval == "step":
+                config.scheduler.step()
+
+    def validation_step(self, batch: Any) -> None:
         self._step(batch, "val", "val/")
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def test_step(self, batch: Any) -> None:
         self._step(batch, "test", TEST_PREFIXES[self.test_phase])
+
+    def train_on_chunks(self, steps_per_batch: int) -> None:
+        """Take the optimizer steps of each training batch's minibatches (FeatureChunks, one per
+        epoch) in `training_step`, with the same updates, per-step schedules and metrics as one
+        Lightning step per minibatch. Lightning then steps neither the optimizer nor any
+        scheduler: one stepped per epoch (a plateau's) rules this mode out (src.train)."""
+        self.automatic_optimization = False
+        self.steps_per_batch = steps_per_batch
 
     def on_fit_start(self) -> None:
         self.finetune.check_epochs(self.trainer.max_epochs)
@@ -259,13 +310,19 @@ class TransferModel(L.LightningModule):
             return optimizer
         build, interval = self.scheduler["build"], self.scheduler["interval"]
         if interval == "step":
-            build = partial(build, total_steps=self.trainer.estimated_stepping_batches)
+            steps = self.trainer.estimated_stepping_batches * self.steps_per_batch
+            build = partial(build, total_steps=steps)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {
                 "scheduler": build(optimizer),
                 "interval": interval,
-                "monitor": self.scheduler.get("monitor"),
+                # manual optimization (train_on_chunks) takes no `monitor` key, not even None
+                **(
+                    {"monitor": self.scheduler.get("monitor")}
+                    if self.automatic_optimization
+                    else {}
+                ),
             },
         }
 

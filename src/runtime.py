@@ -4,6 +4,7 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -14,6 +15,7 @@ from torch import nn
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
 MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's upper bound on 64-bit
 CPUINFO = Path("/proc/cpuinfo")
+NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
 BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16"}  # x86 instructions that compute in bf16
 BF16_GPU_CAPABILITY = (8, 0)  # CUDA compute capability with bf16 tensor cores (A100 on)
 
@@ -39,6 +41,25 @@ def keep_freed_memory() -> bool:
         and mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
         and mallopt(M_MMAP_MAX, 0)
     )
+
+
+def drop_failing_nvml_check() -> bool:
+    """Unset PYTORCH_NVML_BASED_CUDA_CHECK where NVML cannot be loaded (no NVIDIA driver).
+
+    Lightning sets it at import, so that CUDA checks do not initialise CUDA before a fork. Every
+    optimizer step checks for CUDA (torch's graph-capture health check), and with the variable
+    set each check tries to dlopen NVML again, then falls back to the plain count, which is all
+    an unset variable does: on a CPU machine this doubled a linear head's step. Returns whether
+    it was unset.
+    """
+    if os.environ.get(NVML_CHECK) != "1":
+        return False
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        del os.environ[NVML_CHECK]
+        return True
+    return False
 
 
 def cpu_flags() -> set[str]:

@@ -24,7 +24,12 @@ from src.features import cached_features
 from src.finetune import Finetune
 from src.model import TransferModel, parameter_summary, trainable_parameters
 from src.probe import fit_probe
-from src.runtime import keep_freed_memory, quiet_lightning, resolve_precision
+from src.runtime import (
+    drop_failing_nvml_check,
+    keep_freed_memory,
+    quiet_lightning,
+    resolve_precision,
+)
 from src.stats import accuracy_ci
 from src.summary import record_failure, write_cv
 
@@ -43,6 +48,25 @@ def use_cached_features(cfg: DictConfig, data: Any) -> bool:
             "Fix: cache_features=auto, or freeze=true finetune=none augment=none"
         )
     return bool(cfg.cache_features)
+
+
+def trains_on_chunks(trainer: L.Trainer, cfg: DictConfig) -> bool:
+    """Whether a run on cached features can take each epoch's minibatches in one Lightning step
+    (src.data.FeatureChunks): one process, no Trainer setting that counts or cuts minibatches
+    (clipping, accumulation, batch limits, max_steps, mid-epoch validation, the lr finder), and
+    no scheduler that Lightning steps per epoch (a plateau), which manual optimization skips."""
+    limits = (trainer.limit_train_batches, trainer.limit_val_batches, trainer.limit_test_batches)
+    return (
+        trainer.world_size == 1
+        and not trainer.gradient_clip_val
+        and trainer.accumulate_grad_batches == 1
+        and trainer.max_steps == -1
+        and not trainer.overfit_batches
+        and all(isinstance(limit, float) and limit == 1.0 for limit in limits)
+        and trainer.val_check_interval == 1.0
+        and not cfg.lr_find
+        and cfg.scheduler.get("interval") != "epoch"
+    )
 
 
 def frozen_throughout(cfg: DictConfig) -> bool:
@@ -147,6 +171,7 @@ def fit_head_by_probe(
         classes,
         l2_grid=cfg.probe.l2_grid,
         select=cfg.probe.select,
+        refit_tol=None if refit == "trainval" else 1e-8,  # trainval: refitted below instead
     )
     chosen, sweep = next(p for p in fit.grid if p["l2"] == fit.l2), fit.grid
     if refit == "trainval":
@@ -195,6 +220,7 @@ def train(cfg: DictConfig) -> float:
     start = time.perf_counter()
     check_config(cfg)
     quiet_lightning()
+    drop_failing_nvml_check()
     L.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.output_dir)
     data = instantiate(cfg.data)
@@ -238,7 +264,10 @@ def train(cfg: DictConfig) -> float:
             model, data, model.hparams.backbone, cfg.cache_dir, device, "bf16" in precision
         )
     if cached:
-        data.use_features(features)
+        chunks = trains_on_chunks(trainer, cfg)
+        data.use_features(features, whole_epochs=chunks)
+        if chunks:
+            model.train_on_chunks(data.train_batches())
     if cfg.lr_find:
         from src.lr_find import find_lr  # matplotlib's pyplot: only for the finder's plot
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import CONF_DIR, compose_cfg, tiny_overrides
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 import src.checkpoints
 from src.errors import user_message
@@ -58,6 +58,9 @@ def test_ctrl_c_saves_a_last_checkpoint_to_resume_from(
         if model.global_step == 3:  # mid first epoch (6 batches), before any checkpoint
             os.kill(os.getpid(), signal.SIGINT)
 
+    with open_dict(tiny_cfg):  # images, not cached features: one Lightning step per minibatch
+        tiny_cfg.cache_features = False
+
     monkeypatch.setattr(TransferModel, "on_train_batch_start", press_ctrl_c, raising=False)
     handler = signal.getsignal(signal.SIGINT)
     try:
@@ -69,8 +72,8 @@ def test_ctrl_c_saves_a_last_checkpoint_to_resume_from(
     interrupted = torch.load(last, weights_only=True)
     assert interrupted["global_step"] == 3 and interrupted["epoch"] == 0
     monkeypatch.undo()
-    resumed, resumed_last = run(tiny_cfg, "resumed", f"ckpt_path={last}")
-    straight, _ = run(tiny_cfg, "straight")
+    resumed, resumed_last = run(tiny_cfg, "resumed", f"ckpt_path={last}", "cache_features=false")
+    straight, _ = run(tiny_cfg, "straight", "cache_features=false")
     assert resumed_last["epoch"] == 1  # both epochs ran, the interrupted one completed
     assert resumed_last["global_step"] > interrupted["global_step"]
     head, before = (

@@ -1,10 +1,13 @@
 """Process-level speed settings: allocator, float32 strided depthwise training (precision:
 test_precision.py)."""
 
+import os
+
 import torch
 import torch.nn.functional as F
 import torchvision
 
+from src import runtime
 from src.runtime import (
     StridedDepthwise,
     keep_freed_memory,
@@ -52,3 +55,20 @@ def test_timm_same_padding_convolutions_keep_their_padding_and_pickle():
             layer
         )
         assert torch.equal(copy(x), before)
+
+
+def test_nvml_check_is_dropped_only_where_nvml_cannot_load(monkeypatch) -> None:
+    monkeypatch.setenv(runtime.NVML_CHECK, "1")
+
+    def missing(name: str) -> None:
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(runtime.ctypes, "CDLL", missing)
+    assert runtime.drop_failing_nvml_check()
+    assert runtime.NVML_CHECK not in os.environ
+    assert not runtime.drop_failing_nvml_check()  # nothing left to drop
+
+    monkeypatch.setenv(runtime.NVML_CHECK, "1")
+    monkeypatch.setattr(runtime.ctypes, "CDLL", lambda name: object())  # a driver is there
+    assert not runtime.drop_failing_nvml_check()
+    assert os.environ[runtime.NVML_CHECK] == "1"
