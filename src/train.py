@@ -309,19 +309,25 @@ def train(cfg: DictConfig) -> float:
         logger.log_hyperparams(hyperparameters(cfg), after | before)
     elif logger:
         logger.log_hyperparams(hyperparameters(cfg))
-    (out / "result.json").write_text(json.dumps(result, indent=2))
-    if isinstance(logger, TensorBoardLogger):  # confusion matrix, Grad-CAM
-        from src.figures import log_final_figures  # matplotlib and Grad-CAM: only when used
+    if trainer.is_global_zero:  # one result under torchrun or srun, where every rank runs this
+        report(cfg, result, fit)
+        if isinstance(logger, TensorBoardLogger):  # confusion matrix, Grad-CAM
+            from src.figures import log_final_figures  # matplotlib, Grad-CAM: only when used
 
-        log_final_figures(trainer, model, data, "bf16" in precision)
+            log_final_figures(trainer, model, data, "bf16" in precision)
+    return float(result[cfg.objective])
+
+
+def report(cfg: DictConfig, result: dict[str, Any], fit: str) -> None:
+    """Write result.json in the run dir and print the RESULT line."""
+    (Path(cfg.output_dir) / "result.json").write_text(json.dumps(result, indent=2))
     finetune = f" finetune={cfg.finetune.name}" if cfg.finetune.name != "none" else ""
     low, high = result["test/acc_ci95"]
     print(
         f"RESULT backbone={cfg.backbone.name} freeze={result['freeze']}{finetune} head_fit={fit} "
-        f"before_test_acc={before['before/test_acc']:.4f} test_acc={after['test/acc']:.4f} "
-        f"test_acc_ci95=[{low:.4f},{high:.4f}] test_loss={after['test/loss']:.4f}"
+        f"before_test_acc={result['before/test_acc']:.4f} test_acc={result['test/acc']:.4f} "
+        f"test_acc_ci95=[{low:.4f},{high:.4f}] test_loss={result['test/loss']:.4f}"
     )
-    return float(result[cfg.objective])
 
 
 CV_METRICS = ["val/acc", "test/acc", "test/balanced_acc", "test/macro_f1", "test/loss"]
