@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 import src.train
 from src.data import EpochBatches, EpochShuffle, FeatureChunks, FeaturesDataset, minibatches
 from src.model import TransferModel
+from tests.conftest import compose_cfg, tiny_overrides
 
 
 def run(cfg: DictConfig, out: str, **overrides: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -45,8 +46,6 @@ def test_chunked_epochs_match_one_step_per_minibatch(
     tiny_cfg: DictConfig, monkeypatch: pytest.MonkeyPatch, overrides: dict[str, Any]
 ) -> None:
     if "scheduler" in overrides:  # a config group: compose it in
-        from tests.conftest import compose_cfg, tiny_overrides
-
         weights = tiny_cfg.backbone.weights
         tiny_cfg = compose_cfg(
             [*tiny_overrides(tiny_cfg.data.root, weights), f"scheduler={overrides['scheduler']}"],
