@@ -1151,8 +1151,8 @@ class ImageFolderData(L.LightningDataModule):
 
     def train_batches(self) -> int:
         """Minibatches per training epoch."""
-        full, rest = divmod(len(self.train_split.paths), self.batch_size)
-        return full + (rest > 0 and not self.drops_last(rest))
+        images = len(self.train_split.paths)
+        return -(-images // self.batch_size) - self.drops_last(images)
 
     def _loader(self, name: str, sampler: Sampler | str | None = None) -> DataLoader:
         self.setup()  # a no-op once set up; needed where Lightning set up other processes (DDP)
@@ -1166,14 +1166,13 @@ class ImageFolderData(L.LightningDataModule):
             pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         drop_last = name == "train" and self.drops_last(len(dataset))
         features = isinstance(dataset, FeaturesDataset)
-        batching: dict[str, Any] = {
-            "batch_size": self.batch_size, "sampler": sampler, "drop_last": drop_last
-        }  # fmt: skip
         if features and self.whole_epochs:
             minibatches = BatchSampler(
                 sampler or SequentialSampler(dataset), self.batch_size, drop_last
             )
-            batching = {"batch_sampler": EpochBatches(minibatches)}
+            batching: dict[str, Any] = {"batch_sampler": EpochBatches(minibatches)}
+        else:
+            batching = {"batch_size": self.batch_size, "sampler": sampler, "drop_last": drop_last}
         workers = 0 if features else self.workers  # features are in memory, indexed per batch
         return DataLoader(
             dataset,

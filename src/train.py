@@ -171,7 +171,7 @@ def fit_head_by_probe(
         classes,
         l2_grid=cfg.probe.l2_grid,
         select=cfg.probe.select,
-        refit_tol=None if refit == "trainval" else 1e-8,  # trainval: refitted below instead
+        **({"refit_tol": None} if refit == "trainval" else {}),  # trainval: refitted below
     )
     chosen, sweep = next(p for p in fit.grid if p["l2"] == fit.l2), fit.grid
     if refit == "trainval":
