@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from bench.train_speed import cpu_model, peak_rss_gib, reset_peak_rss
-from src.data import ImageFolderData, usable_cores
+from src.data import ImageFolderData
 from src.features import extract_folder
+from src.images import usable_cores
 from src.model import TransferModel
 from src.runtime import bf16_supported, keep_freed_memory
 

@@ -1,40 +1,40 @@
-"""Training speed at the published experiment's shape, in one process.
+"""Training speed at the published experiment's shape, per CPU kind.
 
 1,494 images at 160 px (1,344 train, 150 test), batch 32, random weights, for MobileNetV2 and
-VGG19: the plain frozen loop (fp32, default memory format and allocator, backbone recomputed every
-epoch), this project's cached frozen run for 50 epochs (feature extraction included, Lightning
-Trainer), and full fine-tune steps, plain and this project's. Prints a table and writes it to
-bench/RESULTS.md.
+VGG19: the plain frozen loop (fp32, NCHW, default allocator, backbone recomputed every epoch),
+this project's extraction, the command line's frozen run for 50 epochs on a folder of that shape
+(`python -m src.train`: its wall time, the time from its start to the first training batch, its
+cached epochs), the fine-tune command's time to its first batch, and full fine-tune steps, plain
+and this project's. `--kinds native avx2` measures the machine as it is and, in a subprocess,
+restricted to AVX2 kernels (ONEDNN_MAX_CPU_ISA=AVX2, ATEN_CPU_CAPABILITY=avx2), as an AVX2-only
+CPU runs. Prints a table and writes it to bench/RESULTS.md.
 
-    python bench/train_speed.py [--epochs 50] [--backbones mobilenet_v2 vgg19]
+    python -m bench.train_speed [--epochs 50] [--backbones mobilenet_v2 vgg19] [--kinds native]
 """
 
 import argparse
-import ctypes
-import ctypes.util
-import gc
+import json
 import os
-import platform
-import resource
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from torch import nn
-from torch.utils.data import TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from src.data import decode_all
+from bench import kinds
 from src.features import extract
+from src.images import decode_all
 from src.model import TransferModel
-from src.runtime import bf16_supported, keep_freed_memory, quiet_lightning
+from src.runtime import bf16_supported, cpu_kind, keep_freed_memory, quiet_lightning
 
 N_TRAIN, N_TEST, SIZE, BATCH, CLASSES = 1344, 150, 160, 32, 6
 
@@ -92,27 +92,60 @@ def make_model(name: str, frozen: bool) -> TransferModel:
     return TransferModel(backbone, [str(c) for c in range(CLASSES)], SIZE, frozen, optimizer)
 
 
-def cached_run(name: str, images: torch.Tensor, labels: torch.Tensor, epochs: int, bf16: bool):
-    """This project's frozen path: extract features once, then a Lightning run on them."""
-    model = make_model(name, frozen=True)
-    start = time.perf_counter()
-    features = extract(model, images, torch.device("cpu"), bf16)
-    extract_s = time.perf_counter() - start
-    train = TensorDataset(features[:N_TRAIN], labels[:N_TRAIN])
-    test = TensorDataset(features[N_TRAIN:], labels[N_TRAIN:])
-    data = L.LightningDataModule.from_datasets(train, test, test, batch_size=BATCH)
-    trainer = L.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    trainer.fit(model, data)
-    return extract_s, time.perf_counter() - start
+def write_folder(root: Path) -> Path:
+    """The published layout at its size: 224 noise JPEGs per class in training/ (1,344) and 25
+    per class in validation/ (150, the test set)."""
+    generator = torch.Generator().manual_seed(0)
+    for split, per_class in (("training", N_TRAIN // CLASSES), ("validation", N_TEST // CLASSES)):
+        for c in range(CLASSES):
+            folder = root / split / f"class_{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = torch.randint(0, 256, (SIZE, SIZE, 3), generator=generator)
+                Image.fromarray(pixels.to(torch.uint8).numpy()).save(folder / f"{i}.jpg")
+    return root
+
+
+# Runs a command from a small process and reports its peak RSS: a child forked straight from this
+# bench would inherit the bench's own high-water mark (Linux carries it across fork and exec).
+LAUNCHER = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+sys.stderr.write(f"MAXRSS_KB {usage.ru_maxrss}\\n")
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def cli_run(root: Path, backbone: str, overrides: list[str]) -> dict[str, float]:
+    """`python -m src.train` on `root`: wall, peak RSS and what its result.json says
+    (first_batch_s, mean_epoch_s)."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        command = [
+            sys.executable, "-m", "src.train", f"backbone={backbone}", "backbone.weights=null",
+            "data=imagefolder", f"data.root={root}", "logger=none", "cache_dir=null",
+            f"hydra.run.dir={run_dir}", *overrides,
+        ]  # fmt: skip
+        start = time.perf_counter()
+        done = subprocess.run(
+            [sys.executable, "-c", LAUNCHER, *command],
+            cwd=kinds.ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        wall = time.perf_counter() - start
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed: {done.stderr[-2000:]}")
+        result = json.loads((Path(run_dir) / "result.json").read_text())
+    peak_kb = int(done.stderr.rsplit("MAXRSS_KB ", 1)[1].split()[0])
+    return {
+        "wall_s": wall,
+        "first_batch_s": result["first_batch_s"],
+        "epoch_s": result["mean_epoch_s"],
+        "peak_rss_gib": peak_kb / 2**20,
+    }
 
 
 def finetune_rate(name: str, bf16: bool, calls: int) -> float:
@@ -161,34 +194,54 @@ def decode_rate(count: int = 300) -> float:
         return count / (time.perf_counter() - start)
 
 
-def cpu_model() -> str:
-    """CPU model name, family/model numbers and its bf16 instruction sets, from /proc/cpuinfo."""
-    info: dict[str, str] = {}
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        key, _, value = line.partition(":")
-        info.setdefault(key.strip(), value.strip())
-    if "model name" not in info:
-        return platform.processor() or "unknown"
-    bf16 = [f for f in info.get("flags", "").split() if f in ("avx512_bf16", "amx_bf16")]
-    return (
-        f"{info['model name']} (family {info.get('cpu family')}, model {info.get('model')}; "
-        f"{', '.join(bf16) or 'no bf16 instructions'})"
-    )
-
-
-def reset_peak_rss() -> None:
-    """Start a new peak-RSS measurement from the memory in use now (Linux, glibc)."""
-    gc.collect()
-    ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)  # give back what earlier parts freed
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-
-
-def peak_rss_gib() -> float:
-    """Peak resident memory of this process since start or the last reset_peak_rss."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+def measure(backbones: list[str], epochs: int, calls: int) -> list[dict[str, object]]:
+    """One row per backbone on the kernels this process may use."""
+    quiet_lightning()
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (N_TRAIN + N_TEST, 3, SIZE, SIZE), dtype=torch.uint8)
+    bf16 = bf16_supported("cpu")
+    plain, plain_finetune = {}, {}
+    for name in backbones:  # before this program's allocator setting touches the process
+        plain[name] = plain_epoch_seconds(name, calls)
+        plain_finetune[name] = rate(
+            plain_step(plain_network(name, frozen=False).train()), BATCH, calls
+        )
+    keep_freed_memory()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_folder(Path(tmp) / "shoes")
+        for name in backbones:
+            start = time.perf_counter()
+            extract(make_model(name, frozen=True), images.split(64), torch.device("cpu"), bf16)
+            extract_rate = len(images) / (time.perf_counter() - start)
+            frozen = cli_run(root, name, ["head_fit=recipe", f"trainer.max_epochs={epochs}"])
+            finetune = cli_run(
+                root,
+                name,
+                ["freeze=false", "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
+                 "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1"],
+            )  # fmt: skip
+            rows.append(
+                {
+                    "kind": cpu_kind(),
+                    "precision": "bf16" if bf16 else "fp32",
+                    "backbone": name,
+                    "plain frozen img/s": (N_TRAIN + N_TEST) / plain[name],
+                    f"plain {epochs} epochs s": plain[name] * epochs,
+                    "extract img/s": extract_rate,
+                    "extract GFLOP/s": forward_gflop(name) * extract_rate,
+                    f"frozen run ({epochs} epochs) wall s": frozen["wall_s"],
+                    "frozen run: first batch s": frozen["first_batch_s"],
+                    "cached epoch ms": frozen["epoch_s"] * 1000,
+                    "plain/frozen run": plain[name] * epochs / frozen["wall_s"],
+                    "frozen run peak RSS GiB": frozen["peak_rss_gib"],
+                    "fine-tune run: first batch s": finetune["first_batch_s"],
+                    "plain fine-tune img/s": plain_finetune[name],
+                    "fine-tune img/s": finetune_rate(name, bf16, calls),
+                }
+            )
+            print(json.dumps(rows[-1]), file=sys.stderr)
+    return rows
 
 
 def main() -> None:
@@ -197,68 +250,38 @@ def main() -> None:
     parser.add_argument("--backbones", nargs="+", default=["mobilenet_v2", "vgg19"])
     parser.add_argument("--calls", type=int, default=6, help="timed batches per rate")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "RESULTS.md")
+    kinds.add_arguments(parser)
     args = parser.parse_args()
-    quiet_lightning()
-    torch.manual_seed(0)
-    images = torch.randint(0, 256, (N_TRAIN + N_TEST, 3, SIZE, SIZE), dtype=torch.uint8)
-    labels = torch.randint(0, CLASSES, (N_TRAIN + N_TEST,))
-    bf16 = bf16_supported("cpu")
-
-    plain, plain_finetune = {}, {}
-    for name in args.backbones:  # before this program's allocator setting touches the process
-        plain[name] = plain_epoch_seconds(name, args.calls)
-        plain_finetune[name] = rate(
-            plain_step(plain_network(name, frozen=False).train()), BATCH, args.calls
-        )
-    plain_rss = peak_rss_gib()
-    keep_freed_memory()
-    rows = []
-    for name in args.backbones:
-        reset_peak_rss()
-        extract_s, cached_s = cached_run(name, images, labels, args.epochs, bf16)
-        cached_rss = peak_rss_gib()
-        extract_rate = len(images) / extract_s
-        rows.append(
-            {
-                "backbone": name,
-                "plain frozen img/s": (N_TRAIN + N_TEST) / plain[name],
-                "plain s/epoch": plain[name],
-                f"plain {args.epochs} epochs s": plain[name] * args.epochs,
-                "extract img/s": extract_rate,
-                "extract GFLOP/s": forward_gflop(name) * extract_rate,
-                "cached s/epoch (after extract)": (cached_s - extract_s) / args.epochs,
-                f"cached {args.epochs} epochs s": cached_s,
-                "plain/cached": plain[name] * args.epochs / cached_s,
-                "cached run peak RSS GiB": cached_rss,
-                "plain fine-tune img/s": plain_finetune[name],
-                "fine-tune img/s": finetune_rate(name, bf16, args.calls),
-            }
-        )
-    peak_bf16 = matmul_peak_gflops(torch.bfloat16) if bf16 else float("nan")
+    rows = kinds.rows_per_kind(
+        args, "bench.train_speed", lambda: measure(args.backbones, args.epochs, args.calls)
+    )
+    if rows is None:
+        return
+    peak_bf16 = matmul_peak_gflops(torch.bfloat16) if bf16_supported("cpu") else float("nan")
     peak_fp32 = matmul_peak_gflops(torch.float32)
-    keys = list(rows[0])
     lines = [
-        f"# Training speed: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        f"# Training speed: {kinds.cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "",
         f"1,494 images at {SIZE} px ({N_TRAIN} train, {N_TEST} test), batch {BATCH}, random "
-        "weights, one process. Plain (measured first): torchvision layers in fp32, NCHW, glibc's "
-        "default malloc settings; frozen runs the backbone every epoch (peak RSS "
-        f"{plain_rss:.2f} GiB). Cached: this program's allocator setting, extraction once "
-        f"(bf16={bf16} autocast, channels_last, BatchNorm folded into the convolutions), then "
-        f"{args.epochs} Lightning epochs on the features. Fine-tune: bf16={bf16} autocast + "
-        "channels_last (strided depthwise convolutions in float32), forward + backward + "
-        "RMSprop step.",
+        f"weights. `avx2`: the same machine restricted with {kinds.RESTRICTION}, as an "
+        "AVX2-only CPU runs (no bf16). Plain (measured first): torchvision layers in "
+        "fp32, NCHW, glibc's default malloc settings; frozen runs the backbone every epoch. "
+        "Extract: this project's extraction (the precision column's autocast, the memory format "
+        "src.runtime.memory_format picks, BatchNorm folded). Frozen run: `python -m src.train "
+        f"backbone=<name> backbone.weights=null head_fit=recipe trainer.max_epochs={args.epochs}` "
+        "on a folder of JPEGs of that shape (wall time with start-up; first batch: seconds from "
+        "the process's start to the first training batch, extraction included; cached epoch: "
+        "its mean epoch on the cached features, validation and checkpoints included). Fine-tune "
+        "run: the same with freeze=false (images decoded, the before-training test done). "
+        "Fine-tune img/s: this project's model, forward + backward + RMSprop step.",
         "",
-        "| " + " | ".join(keys) + " |",
-        "|" + "---|" * len(keys),
+        *kinds.table(rows),
     ]
-    for row in rows:
-        cells = [f"{v:,.2f}" if isinstance(v, float) else str(v) for v in row.values()]
-        lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"Matmul peak (2048^2, measured): bf16 {peak_bf16:,.0f} GFLOP/s, fp32 {peak_fp32:,.0f} "
-        "GFLOP/s. Extraction GFLOP/s counts the backbone forward's FLOPs (torch FlopCounterMode).",
+        f"Matmul peak (2048^2, measured, unrestricted): bf16 {peak_bf16:,.0f} GFLOP/s, fp32 "
+        f"{peak_fp32:,.0f} GFLOP/s. Extraction GFLOP/s counts the backbone forward's FLOPs "
+        "(torch FlopCounterMode).",
         "",
         f"Decode + resize to {SIZE} px (640x480 JPEG, decode_all): {decode_rate():,.0f} img/s.",
     ]

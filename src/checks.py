@@ -48,6 +48,11 @@ RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     "probe.refit": (lambda v: v in ("trainval", "train"), "trainval or train", "trainval"),
     "class_weights": (lambda v: v in (None, "auto"), "auto or null", "auto"),
     "sampler": (lambda v: v in ("shuffle", "balanced"), "shuffle or balanced", "balanced"),
+    "memory_format": (
+        lambda v: v in ("auto", "channels_last", "contiguous"),
+        "auto, channels_last or contiguous",
+        "auto",
+    ),
     "folds": (lambda v: v is None or whole(2)(v), "null or a whole number, at least 2", "5"),
 }
 

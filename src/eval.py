@@ -23,9 +23,10 @@ from torchmetrics.functional.classification import (
     multiclass_recall,
 )
 
-from src.data import ImageFolderData, decode_all, split_settings
+from src.data import ImageFolderData, split_settings
 from src.errors import UserError, exit_on_user_error
 from src.figures import confusion_matrix_figure, image_grid_figure
+from src.images import decode_all
 from src.inference import load_checkpoint, logits_of_files, pick_device
 from src.stats import wilson_interval
 
@@ -101,10 +102,10 @@ def markdown_report(metrics: dict[str, Any]) -> str:
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate `cfg.ckpt_path` on `cfg.data`'s test set; write and log the report."""
     model = load_checkpoint(cfg.ckpt_path)
-    classes = list(model.hparams.classes)
+    classes = list(model.classes)
     record = model.record.get("split")  # the training run's split: its seed and fractions
     data: ImageFolderData = instantiate(
-        cfg.data, image_size=model.hparams.image_size, **(split_settings(record) if record else {})
+        cfg.data, image_size=model.image_size, **(split_settings(record) if record else {})
     )
     if record is None:
         log.warning(

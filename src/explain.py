@@ -5,8 +5,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from src.data import list_inputs, stream_images
 from src.errors import UserError, exit_on_user_error
+from src.images import list_inputs, stream_images
 from src.inference import gradcam, load_checkpoint, logits, pick_device, target_layer
 
 BATCH = 16  # images per Grad-CAM pass
@@ -22,7 +22,7 @@ def explain(cfg: DictConfig) -> list[Path]:
 
     paths = list_inputs(cfg.inputs)
     model = load_checkpoint(cfg.ckpt_path)
-    classes = list(model.hparams.classes)
+    classes = list(model.classes)
     if cfg.target is not None and cfg.target not in classes:
         raise UserError(f"unknown target class {cfg.target!r}. Fix: target=one of {classes}")
     device = pick_device(cfg.device)
@@ -30,7 +30,7 @@ def explain(cfg: DictConfig) -> list[Path]:
     out = Path(cfg.output_dir)
     stems = [p.stem for p in paths]
     written = []
-    for indices, images, errors in stream_images(paths, model.hparams.image_size, BATCH):
+    for indices, images, errors in stream_images(paths, model.image_size, BATCH):
         for i, why in errors.items():
             print(f"{paths[i]}: cannot be read ({why}): skipped")
         if not indices:

@@ -17,19 +17,19 @@ import torch
 from omegaconf import DictConfig
 
 from src.errors import UserError, exit_on_user_error
-from src.model import TransferModel
+from src.network import TransferNet
 from src.predict import load_checkpoint
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
 
 
-def contract(model: TransferModel, fmt: str, file: str) -> dict[str, Any]:
+def contract(model: TransferNet, fmt: str, file: str) -> dict[str, Any]:
     """What a caller must feed the exported model and what it returns."""
-    size = model.hparams.image_size
+    size = model.image_size
     return {
         "format": fmt,
         "file": file,
-        "backbone": model.hparams.backbone["name"],
+        "backbone": model.backbone_config["name"],
         "input": {
             "name": "images",
             "shape": ["batch", 3, size, size],
@@ -45,10 +45,10 @@ def contract(model: TransferModel, fmt: str, file: str) -> dict[str, Any]:
         },
         "output": {
             "name": "logits",
-            "shape": ["batch", len(model.hparams.classes)],
+            "shape": ["batch", len(model.classes)],
             "meaning": "class logits; softmax gives probabilities",
         },
-        "classes": list(model.hparams.classes),
+        "classes": list(model.classes),
     }
 
 
@@ -64,7 +64,7 @@ def traceable() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
-def export_onnx(model: TransferModel, sample: torch.Tensor, path: Path) -> None:
+def export_onnx(model: TransferNet, sample: torch.Tensor, path: Path) -> None:
     """ONNX with a dynamic batch size (the TorchScript-based exporter: no onnxscript needed)."""
     with traceable():
         torch.onnx.export(
@@ -91,7 +91,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     if cfg.format not in SUFFIXES:
         raise UserError(f"unknown format {cfg.format!r}. Fix: format=onnx or format=torchscript")
     model = load_checkpoint(cfg.ckpt_path).cpu().eval()
-    size = model.hparams.image_size
+    size = model.image_size
     generator = torch.Generator().manual_seed(0)
     sample = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, generator=generator)
     check = torch.randint(
@@ -106,7 +106,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
             exported = run_onnx(path, check)
         else:
             with traceable():
-                model.to_torchscript(path, method="trace", example_inputs=sample)
+                torch.jit.save(torch.jit.trace(model, sample), path)
             with torch.inference_mode():
                 exported = torch.jit.load(path)(check)
     with torch.inference_mode():

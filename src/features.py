@@ -17,10 +17,11 @@ from filelock import FileLock
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from src.data import ImageFolderData, decode_all, progress, stream_images
+from src.data import ImageFolderData
 from src.errors import UserError
+from src.images import decode_all, progress, stream_images
 from src.inference import chunks, outputs
-from src.model import TransferModel
+from src.network import TransferNet
 
 log = logging.getLogger(__name__)
 FOLD_TOLERANCE = 1e-3  # largest relative change of folded features accepted (float32 rounding)
@@ -43,11 +44,15 @@ def versions() -> dict[str, str]:
 
 
 def cache_key(
-    backbone: dict[str, Any], data: ImageFolderData, precision: str, device: torch.device
+    backbone: dict[str, Any],
+    data: ImageFolderData,
+    precision: str,
+    device: torch.device,
+    layout: torch.memory_format = torch.channels_last,
 ) -> str:
     """Hash of everything the features depend on: backbone, weights, size, precision, device
-    type, library versions and every image of the folder (path, size, mtime), so one cache
-    serves every split and fold of it."""
+    type, memory format (its kernels round differently), library versions and every image of
+    the folder (path, size, mtime), so one cache serves every split and fold of it."""
     weights = backbone.get("weights")
     files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in data.all_images()]
     if weights and Path(weights).is_file():
@@ -58,6 +63,7 @@ def cache_key(
         "image_size": data.image_size,
         "precision": precision,
         "device": device.type,
+        "memory_format": str(layout),
         "versions": versions(),
         "files": files,
     }
@@ -110,7 +116,7 @@ def fold_batchnorm(backbone: nn.Module, sample: torch.Tensor) -> nn.Module:
 
 
 def extract(
-    model: TransferModel,
+    model: TransferNet,
     batches: Iterable[torch.Tensor],
     device: torch.device,
     bf16: bool,
@@ -143,7 +149,7 @@ def extract(
 
 
 def extract_folder(
-    model: TransferModel, data: ImageFolderData, device: torch.device, bf16: bool, batch_size: int
+    model: TransferNet, data: ImageFolderData, device: torch.device, bf16: bool, batch_size: int
 ) -> torch.Tensor:
     """Features of every image of the folder: decoded in threads when they fit in memory (as the
     data module keeps them), else streamed through DataLoader workers."""
@@ -169,7 +175,7 @@ def extract_folder(
 
 
 def cached_features(
-    model: TransferModel,
+    model: TransferNet,
     data: ImageFolderData,
     backbone: dict[str, Any],
     cache_dir: str | Path | None,
@@ -187,7 +193,8 @@ def cached_features(
     if cache_dir is None:
         features = extract_folder(model, data, device, bf16, batch_size)
     else:
-        path = Path(cache_dir) / f"{cache_key(backbone, data, precision, device)}.pt"
+        layout = model.input_format(device.type)
+        path = Path(cache_dir) / f"{cache_key(backbone, data, precision, device, layout)}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(path.with_suffix(".lock")):
             if path.is_file():

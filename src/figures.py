@@ -10,7 +10,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.figure import Figure
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
-from src.data import ImageFolderData, decode_all, minibatches
+from src.data import ImageFolderData, minibatches
+from src.images import decode_all
 from src.inference import chunks, gradcam, logits, target_layer
 from src.model import TransferModel
 
@@ -92,7 +93,7 @@ def log_final_figures(
     logger = trainer.logger
     if not isinstance(logger, TensorBoardLogger):
         return
-    classes = list(model.hparams.classes)
+    classes = list(model.classes)
     batches = [b for batch in data.test_dataloader() for b in minibatches(batch)]
     scores = logits(model, (x for x, _ in batches), model.device, bf16)
     labels = torch.cat([y for _, y in batches])

@@ -10,14 +10,14 @@ import torch
 from torch import nn
 
 from src.errors import UserError
-from src.model import TransferModel, load_model
+from src.network import TransferNet, load_model
 
 CKPT_FIX = (
     "Fix: ckpt_path=outputs/<date>/<time>/checkpoints/best.ckpt (a training run's checkpoint)"
 )
 
 
-def load_checkpoint(ckpt_path: str | None) -> TransferModel:
+def load_checkpoint(ckpt_path: str | None) -> TransferNet:
     """The trained model in `ckpt_path`, or a UserError naming what is wrong with the path."""
     if not ckpt_path:
         raise UserError(f"no checkpoint given. {CKPT_FIX}")
@@ -77,28 +77,28 @@ def apply(
 
 
 def logits(
-    model: TransferModel, batches: Iterable[torch.Tensor], device: torch.device, bf16: bool = False
+    model: TransferNet, batches: Iterable[torch.Tensor], device: torch.device, bf16: bool = False
 ) -> torch.Tensor:
     """Class logits (N, classes) of uint8 image batches, or of pooled-feature batches (N, F)."""
     model.eval().to(device)
-    return apply(lambda x: model.head(x) if x.ndim == 2 else model(x), batches, device, bf16)
+    return apply(model.logits, batches, device, bf16)
 
 
 def logits_of_files(
-    model: TransferModel, paths: list[Path], device: torch.device, batch_size: int = 64
+    model: TransferNet, paths: list[Path], device: torch.device, batch_size: int = 64
 ) -> tuple[torch.Tensor, dict[int, str]]:
     """Class logits of image files, decoded in streaming batches, and {index: why} for the files
     that could not be read (their rows are NaN): a bad file is a row, not the end of the run."""
-    from src.data import stream_images
+    from src.images import stream_images
 
     model.eval().to(device)
-    scores = torch.full((len(paths), len(model.hparams.classes)), float("nan"))
+    scores = torch.full((len(paths), len(model.classes)), float("nan"))
     errors: dict[int, str] = {}
     decoded: list[list[int]] = []  # the indices of each batch `outputs` takes, in order
 
     def images() -> Iterator[torch.Tensor]:
         for indices, batch, bad in stream_images(
-            paths, model.hparams.image_size, batch_size, pin_memory=device.type == "cuda"
+            paths, model.image_size, batch_size, pin_memory=device.type == "cuda"
         ):
             errors.update(bad)
             if indices:
@@ -110,21 +110,21 @@ def logits_of_files(
     return scores, errors
 
 
-def target_layer(model: TransferModel, name: str | None = None) -> nn.Module:
+def target_layer(model: TransferNet, name: str | None = None) -> nn.Module:
     """The module Grad-CAM reads: `name` (a dotted module name) or the backbone's own choice."""
     name = name or f"backbone.{model.spec.cam_layer}"
     try:
         return model.get_submodule(name)
     except AttributeError as err:
         raise UserError(
-            f"no module {name!r} in the {model.hparams.backbone['name']} model. Fix: "
+            f"no module {name!r} in the {model.backbone_config['name']} model. Fix: "
             f"target_layer=<a module name in it, e.g. backbone.{model.spec.cam_layer}>, or null "
             "for that default"
         ) from err
 
 
 def gradcam(
-    model: TransferModel,
+    model: TransferNet,
     batches: Iterable[torch.Tensor],
     targets: list[int],
     layer: nn.Module,

@@ -1,23 +1,20 @@
-"""The LightningModule: a pretrained backbone (with its own pooling) and a new linear head."""
+"""The LightningModule: the network (src.network) with its training, losses and metrics."""
 
 from collections.abc import Callable, Iterable
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from src.backbones import Backbone
-from src.checkpoints import RECORD, VERSION, read_checkpoint, upgrade
+from src.checkpoints import RECORD, VERSION
 from src.data import minibatches
 from src.finetune import Finetune, batchnorm_layers
-from src.runtime import train_strided_depthwise_in_fp32
+from src.network import TransferNet
 
 TEST_PREFIXES = {"test": "test/", "before": "before/test_"}  # phase -> metric name prefix
 
@@ -43,13 +40,9 @@ def parameter_summary(module: nn.Module) -> str:
     )
 
 
-class TransferModel(L.LightningModule):
-    """Backbone (body + the model's own pre-logits pooling) -> Linear(num_features, classes).
-
-    Takes uint8 RGB images (N, 3, H, W), resized to `image_size` square, and normalises them
-    itself, so a checkpoint carries its preprocessing (hparams: classes, image_size, backbone).
-    A batch of 2-D inputs is taken as precomputed pooled features (the cached path of a frozen
-    backbone) and goes to the head alone.
+class TransferModel(TransferNet, L.LightningModule):
+    """TransferNet trained by Lightning; its hparams (classes, image_size, backbone and the
+    training settings) make a checkpoint self-contained.
 
     `finetune` (src.finetune.Finetune's fields) chooses when the backbone learns and at which lr;
     `scheduler` is the `scheduler` config group instantiated: `build` (a partial taking the
@@ -70,15 +63,8 @@ class TransferModel(L.LightningModule):
         scheduler: dict[str, Any] | None = None,
         class_weights: list[float] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(backbone, classes, image_size)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
-        net: Backbone = instantiate(backbone, image_size=image_size)
-        self.backbone = net.module
-        self.spec = net  # what Grad-CAM and extraction need to know about this backbone
-        train_strided_depthwise_in_fp32(self.backbone)
-        self.head = nn.Linear(net.num_features, len(classes))
-        self.register_buffer("mean", torch.tensor(net.mean).view(1, 3, 1, 1) * 255, False)
-        self.register_buffer("std", torch.tensor(net.std).view(1, 3, 1, 1) * 255, False)
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.label_smoothing = label_smoothing
@@ -111,7 +97,6 @@ class TransferModel(L.LightningModule):
         )
         self.test_phase = "test"
         self.fitted_head = False  # True: the head was fitted before training (linear probe)
-        self.record: dict[str, Any] = {}  # the run's settings and split, saved in checkpoints
         self.steps_per_batch = 1  # optimizer steps per training batch (see train_on_chunks)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -162,19 +147,6 @@ class TransferModel(L.LightningModule):
                 layer.eval()
         return self
 
-    def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        """The backbone's input for uint8 (or 0-255 float) images, in channels_last."""
-        x = (images.float() - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last)
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features of uint8 (or 0-255 float) images."""
-        return self.backbone(self.normalise(images))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Class logits."""
-        return self.head(self.features(images))
-
     def _step(
         self,
         batch: Any,
@@ -193,7 +165,7 @@ class TransferModel(L.LightningModule):
         metrics = self.metrics[f"{stage}_metrics"]
         predictions, targets = [], []
         for x, y in minibatches(batch):
-            logits = self.head(x) if x.ndim == 2 else self(x)
+            logits = self.logits(x)
             loss = F.cross_entropy(
                 logits.float(),
                 y,
@@ -325,14 +297,3 @@ class TransferModel(L.LightningModule):
                 ),
             },
         }
-
-
-def load_model(ckpt_path: str | Path) -> TransferModel:
-    """A trained model from a checkpoint, built offline (the checkpoint holds all weights)."""
-    ckpt = upgrade(read_checkpoint(ckpt_path))
-    hparams = dict(ckpt["hyper_parameters"])
-    hparams["backbone"] = {**hparams["backbone"], "weights": None}
-    model = TransferModel(**hparams)
-    model.load_state_dict(ckpt["state_dict"])
-    model.record = ckpt.get(RECORD, {})
-    return model.eval()

@@ -9,8 +9,8 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from src.data import input_classes, list_inputs
 from src.errors import UserError, exit_on_user_error
+from src.images import input_classes, list_inputs
 from src.inference import load_checkpoint, logits_of_files, pick_device
 from src.stats import wilson_interval
 
@@ -53,7 +53,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
         raise UserError(f"top_k={cfg.top_k} must be at least 1. Fix: top_k=3")
     paths = list_inputs(cfg.inputs)
     model = load_checkpoint(cfg.ckpt_path)
-    classes = list(model.hparams.classes)
+    classes = list(model.classes)
     scores, errors = logits_of_files(model, paths, pick_device(cfg.device))
     tops = top_k(scores.nan_to_num(0).softmax(1), classes, cfg.top_k)
     truth = input_classes(paths, cfg.inputs) if Path(cfg.inputs).is_dir() else None

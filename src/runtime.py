@@ -18,6 +18,12 @@ CPUINFO = Path("/proc/cpuinfo")
 NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
 BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16"}  # x86 instructions that compute in bf16
 BF16_GPU_CAPABILITY = (8, 0)  # CUDA compute capability with bf16 tensor cores (A100 on)
+ONEDNN_ISA = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")  # oneDNN's kernel restriction variables
+# ONEDNN_MAX_CPU_ISA values whose kernels have no bf16 dot products, and those without AVX-512
+ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE",
+                     "AVX512_CORE_VNNI"}  # fmt: skip
+ISAS_WITHOUT_AVX512 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2"}
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 
 def keep_freed_memory() -> bool:
@@ -79,6 +85,37 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def onednn_isa_limit() -> str | None:
+    """oneDNN's kernel restriction (ONEDNN_MAX_CPU_ISA, upper case), or None when unrestricted."""
+    for name in ONEDNN_ISA:
+        value = os.environ.get(name, "").strip().upper()
+        if value and value not in ("ALL", "DEFAULT"):
+            return value
+    return None
+
+
+def bf16_kernels_restricted() -> bool:
+    """Whether ATEN_CPU_CAPABILITY or ONEDNN_MAX_CPU_ISA keep the kernels below bf16 ones, as
+    when an AVX-512 bf16 machine imitates an AVX2 CPU."""
+    aten = os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower()
+    return aten in ("default", "avx2") or onednn_isa_limit() in ISAS_WITHOUT_BF16
+
+
+def avx2_kernels() -> bool:
+    """Whether this process's x86 kernels are AVX2 ones: the CPU has no AVX-512, or
+    ATEN_CPU_CAPABILITY or ONEDNN_MAX_CPU_ISA restricts them to AVX2."""
+    aten = torch.backends.cpu.get_cpu_capability()
+    return aten == "AVX2" or (aten == "AVX512" and onednn_isa_limit() in ISAS_WITHOUT_AVX512)
+
+
+def cpu_kind() -> str:
+    """The class of CPU kernels this process runs: avx512_bf16, avx512, avx2 or the ATen
+    capability (DEFAULT, SVE256...) elsewhere."""
+    if bf16_supported("cpu"):
+        return "avx512_bf16"
+    return "avx2" if avx2_kernels() else torch.backends.cpu.get_cpu_capability().lower()
+
+
 def bf16_supported(accelerator: str) -> bool:
     """Whether `accelerator` (`gpu` or `cpu`) computes bf16 natively, so bf16 autocast is fast.
 
@@ -87,12 +124,40 @@ def bf16_supported(accelerator: str) -> bool:
     agree); not torch.cuda.is_bf16_supported(), which is also true where bf16 is only emulated
     (T4, V100), without its speed. CPU: bf16 instructions (AVX512_BF16: Cooper Lake, Zen 4 on;
     AMX-BF16: Sapphire Rapids on); not mkldnn's check, which only needs AVX-512BW and so takes
-    Skylake, where oneDNN converts bf16 to float32 for each op. Other CPUs (Apple silicon, ARM,
-    any without /proc/cpuinfo) count as not native: `precision=bf16-mixed` asks for bf16 there.
+    Skylake, where oneDNN converts bf16 to float32 for each op; and not where the kernels are
+    restricted below them. Other CPUs (Apple silicon, ARM, any without
+    /proc/cpuinfo) count as not native: `precision=bf16-mixed` asks for bf16 there.
     """
     if accelerator == "gpu":
         return torch.cuda.get_device_capability() >= BF16_GPU_CAPABILITY
-    return bool(cpu_flags() & BF16_CPU_FLAGS)
+    return bool(cpu_flags() & BF16_CPU_FLAGS) and not bf16_kernels_restricted()
+
+
+def normalisation(module: nn.Module) -> str:
+    """How `module` normalises: `batchnorm` (ResNet, MobileNet, EfficientNet), `layernorm`
+    (ConvNeXt, transformers) or `none` (VGG)."""
+    layers = list(module.modules())
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in layers):
+        return "batchnorm"
+    if any(isinstance(m, nn.LayerNorm) for m in layers):
+        return "layernorm"
+    return "none"
+
+
+def memory_format(norm: str, learning: bool, device_type: str = "cpu") -> torch.memory_format:
+    """The faster memory format for a backbone's input, as measured per CPU kind
+    (bench/KERNELS.md, on ResNet-50, MobileNetV2, EfficientNet-Lite0, VGG19 and ConvNeXt).
+
+    channels_last on GPUs and AVX-512 CPUs, and for BatchNorm convnets everywhere. With AVX2
+    kernels NCHW is as fast or faster for a LayerNorm backbone (ConvNeXt: level to +13%) and
+    faster for a backbone without normalisation while it learns (VGG19 fine-tune +11-23%; its
+    extraction stays channels_last, +11-18%).
+    """
+    if device_type != "cpu" or norm == "batchnorm" or not avx2_kernels():
+        return torch.channels_last
+    if norm == "layernorm" or learning:
+        return torch.contiguous_format
+    return torch.channels_last
 
 
 class StridedDepthwise:

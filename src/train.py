@@ -15,8 +15,8 @@ from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from src.callbacks import EpochTimer
-from src.checkpoints import AtomicCheckpointIO, RunCheckpoint, read_checkpoint
+from src.callbacks import AtomicCheckpointIO, EpochTimer, RunCheckpoint
+from src.checkpoints import read_checkpoint
 from src.checks import check_config, check_resume, run_settings
 from src.data import class_counts, warn_if_imbalanced
 from src.errors import UserError, exit_on_user_error
@@ -25,6 +25,7 @@ from src.finetune import Finetune
 from src.model import TransferModel, parameter_summary, trainable_parameters
 from src.probe import fit_probe
 from src.runtime import (
+    MEMORY_FORMATS,
     drop_failing_nvml_check,
     keep_freed_memory,
     quiet_lightning,
@@ -116,7 +117,7 @@ def class_weights(cfg: DictConfig, data: Any) -> list[float] | None:
 def build_model(cfg: DictConfig, data: Any) -> TransferModel:
     """The network, loss, optimizer and fine-tuning schedule that `cfg` asks for."""
     classes = data.classes
-    return TransferModel(
+    model = TransferModel(
         backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
         classes=classes,
         image_size=cfg.image_size,
@@ -127,6 +128,9 @@ def build_model(cfg: DictConfig, data: Any) -> TransferModel:
         scheduler=instantiate(cfg.scheduler, _convert_="all"),
         class_weights=class_weights(cfg, data),
     )
+    if cfg.memory_format != "auto":
+        model.memory_format = MEMORY_FORMATS[cfg.memory_format]
+    return model
 
 
 def head_fit(cfg: DictConfig, cached: bool) -> str:
@@ -301,6 +305,7 @@ def train(cfg: DictConfig) -> float:
         if fit != "probe" or cfg.probe.refit == "train"
         else probe["val_acc"],
         "best_epoch": int(best["epoch"]),
+        "first_batch_s": timer.first_batch_s,
         "first_epoch_s": timer.seconds[0] if timer.seconds else None,
         "mean_epoch_s": sum(timer.seconds) / len(timer.seconds) if timer.seconds else None,
         "wall_s": time.perf_counter() - start,

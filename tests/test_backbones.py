@@ -20,7 +20,8 @@ from src.errors import UserError
 from src.export import export_onnx, run_onnx
 from src.features import extract
 from src.inference import chunks, gradcam, target_layer
-from src.model import TransferModel, load_model
+from src.model import TransferModel
+from src.network import load_model
 from src.train import train
 
 ESPRESSO = 967  # ImageNet-1k class index

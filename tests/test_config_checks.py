@@ -39,6 +39,10 @@ from src.train import run, train
         ("probe.refit=all", "probe.refit=all is invalid: it must be trainval or train"),
         ("class_weights=inverse", "class_weights=inverse is invalid: it must be auto or null"),
         ("sampler=uniform", "sampler=uniform is invalid: it must be shuffle or balanced"),
+        (
+            "memory_format=nhwc",
+            "memory_format=nhwc is invalid: it must be auto, channels_last or contiguous",
+        ),
     ],
 )
 def test_wrong_values_in_overrides(tiny_cfg: DictConfig, override: str, expected: str) -> None:

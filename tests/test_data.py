@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from src.data import ImageFolderData, Split, decode, holdout_split, kfold_split
+from src.data import ImageFolderData, Split, holdout_split, kfold_split
 from src.errors import UserError
+from src.images import decode
 from tests.conftest import make_folder
 
 CLASSES = [str(c) for c in range(6)]

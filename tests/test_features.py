@@ -27,7 +27,7 @@ def data(image_root):
     return ImageFolderData(str(image_root), image_size=32, val_fraction=0.25)
 
 
-def test_key_depends_on_backbone_size_precision_device_versions_and_files(
+def test_key_depends_on_backbone_size_precision_device_format_versions_and_files(
     data, image_root, monkeypatch
 ):
     key = cache_key(BACKBONE, data, "fp32", CPU)
@@ -35,6 +35,7 @@ def test_key_depends_on_backbone_size_precision_device_versions_and_files(
     assert cache_key({**BACKBONE, "name": "vgg19"}, data, "fp32", CPU) != key
     assert cache_key(BACKBONE, data, "bf16", CPU) != key
     assert cache_key(BACKBONE, data, "fp32", torch.device("cuda")) != key
+    assert cache_key(BACKBONE, data, "fp32", CPU, torch.contiguous_format) != key
     bigger = ImageFolderData(str(image_root), image_size=48, val_fraction=0.25)
     assert cache_key(BACKBONE, bigger, "fp32", CPU) != key
     for library in ("torchvision", "timm", "pillow"):

@@ -24,13 +24,15 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import src.eval
-from src.data import ImageFolderData, decode, list_images
+from src.data import ImageFolderData
 from src.errors import UserError
 from src.eval import evaluate
 from src.explain import explain
 from src.export import export
+from src.images import decode, list_images
 from src.inference import chunks, gradcam, target_layer
-from src.model import TransferModel, load_model
+from src.model import TransferModel
+from src.network import load_model
 from src.predict import predict
 from src.train import train
 
@@ -277,7 +279,7 @@ def test_default_gradcam_layer_for_every_configured_backbone(backbone: str, laye
 def test_gradcam_peaks_inside_the_planted_square(squares) -> None:
     ckpt, corners = squares
     model = load_model(ckpt)
-    assert model.hparams.classes == ["blank", "square"]
+    assert model.classes == ["blank", "square"]
     images = torch.stack([decode(path, SIZE) for path in corners])
     assert (model(images).argmax(1) == 1).all()
     heatmaps = gradcam(model, chunks(images, 16), [1] * len(images), target_layer(model))

@@ -80,3 +80,27 @@ def test_explicit_precision_passes_through(
 
     monkeypatch.setattr(src.runtime, "bf16_supported", no_detection)
     assert resolve_precision(precision, accelerator) == precision
+
+
+@pytest.mark.parametrize(
+    ("variables", "expected"),
+    [
+        ({"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}, "32-true"),
+        ({"ONEDNN_MAX_CPU_ISA": "avx512_core_vnni"}, "32-true"),  # AVX-512 without bf16
+        ({"DNNL_MAX_CPU_ISA": "AVX2"}, "32-true"),  # oneDNN's older name
+        ({"ATEN_CPU_CAPABILITY": "default"}, "32-true"),
+        ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}, "bf16-mixed"),
+        ({"ONEDNN_MAX_CPU_ISA": "ALL"}, "bf16-mixed"),
+    ],
+)
+def test_kernels_restricted_below_bf16_run_float32(
+    variables: dict[str, str], expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Zen 4 told to use AVX2 kernels imitates an AVX2 CPU, which has no native bf16."""
+    (tmp_path / "cpuinfo").write_text(cpuinfo(CPUS["zen4"][0]))
+    monkeypatch.setattr(src.runtime, "CPUINFO", tmp_path / "cpuinfo")
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    assert resolve_precision("auto", "cpu") == expected

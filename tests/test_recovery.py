@@ -17,7 +17,7 @@ from src.errors import user_message
 from src.model import TransferModel
 from src.train import train
 
-TIMINGS = {"first_epoch_s", "mean_epoch_s", "wall_s", "max_epochs"}
+TIMINGS = {"first_batch_s", "first_epoch_s", "mean_epoch_s", "wall_s", "max_epochs"}
 
 
 def run(cfg: DictConfig, name: str, *overrides: str) -> tuple[dict, dict]:
@@ -126,3 +126,20 @@ def test_runs_started_in_the_same_second_get_their_own_dirs() -> None:
     while first[:-7] != second[:-7]:  # straddled a second: try again
         first, second = run_dir(), run_dir()
     assert first != second
+
+
+def test_last_checkpoint_is_the_best_one_linked_only_when_that_step_was_the_best(
+    tiny_cfg: DictConfig,
+) -> None:
+    """One write where last.ckpt and best.ckpt are the same state; a copy of its own otherwise."""
+    _, last = run(tiny_cfg, "one", "trainer.max_epochs=1")
+    folder = Path(tiny_cfg.output_dir).parent / "one" / "checkpoints"
+    assert (folder / "last.ckpt").samefile(folder / "best.ckpt") and last["epoch"] == 0
+    # an lr too small to change a prediction: epoch 1 is no better than epoch 0
+    _, last = run(tiny_cfg, "flat", "trainer.max_epochs=2", "optimizer.lr=1e-12")
+    folder = Path(tiny_cfg.output_dir).parent / "flat" / "checkpoints"
+    best = torch.load(folder / "best.ckpt", weights_only=True)
+    assert not (folder / "last.ckpt").samefile(folder / "best.ckpt")
+    assert (last["epoch"], best["epoch"]) == (1, 0)
+    assert not torch.equal(last["optimizer_states"][0]["state"][0]["square_avg"],
+                           best["optimizer_states"][0]["state"][0]["square_avg"])  # fmt: skip

@@ -3,16 +3,21 @@ test_precision.py)."""
 
 import os
 
+import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
 
 from src import runtime
+from src.model import TransferModel
 from src.runtime import (
     StridedDepthwise,
     keep_freed_memory,
+    memory_format,
+    normalisation,
     train_strided_depthwise_in_fp32,
 )
+from tests.test_finetune import build, tiny
 
 
 def test_allocator_setting_applies_on_glibc_linux():
@@ -72,3 +77,74 @@ def test_nvml_check_is_dropped_only_where_nvml_cannot_load(monkeypatch) -> None:
     monkeypatch.setattr(runtime.ctypes, "CDLL", lambda name: object())  # a driver is there
     assert not runtime.drop_failing_nvml_check()
     assert os.environ[runtime.NVML_CHECK] == "1"
+
+
+AVX2_RULE = {  # (normalisation, learning) -> the format measured faster with AVX2 kernels
+    ("batchnorm", False): torch.channels_last,  # ResNet-50, MobileNetV2, EfficientNet-Lite0
+    ("batchnorm", True): torch.channels_last,
+    ("layernorm", False): torch.contiguous_format,  # ConvNeXt
+    ("layernorm", True): torch.contiguous_format,
+    ("none", False): torch.channels_last,  # VGG19 extraction
+    ("none", True): torch.contiguous_format,  # VGG19 fine-tune
+}
+
+
+@pytest.mark.parametrize(
+    ("capability", "variables", "avx2"),
+    [
+        ("AVX2", {}, True),  # Zen 1, Haswell
+        ("AVX512", {"ONEDNN_MAX_CPU_ISA": "AVX2"}, True),
+        ("AVX512", {}, False),
+        ("DEFAULT", {}, False),  # ARM: channels_last as before
+    ],
+)
+def test_memory_format_follows_the_cpu_kind_and_the_backbone(
+    capability, variables, avx2, monkeypatch
+) -> None:
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    for (norm, learning), expected in AVX2_RULE.items():
+        assert memory_format(norm, learning) == (expected if avx2 else torch.channels_last)
+        assert memory_format(norm, learning, "cuda") == torch.channels_last
+
+
+def test_backbones_are_told_by_their_normalisation() -> None:
+    assert normalisation(torchvision.models.mobilenet_v2().features) == "batchnorm"
+    assert normalisation(torchvision.models.resnet18()) == "batchnorm"
+    assert normalisation(torchvision.models.convnext_tiny().features) == "layernorm"
+    assert normalisation(torchvision.models.vgg11().features) == "none"
+
+
+def test_model_input_takes_the_chosen_or_the_set_memory_format(monkeypatch) -> None:
+    """VGG with AVX2 kernels: NCHW while it learns, channels_last for inference."""
+    backbone = {"_target_": "src.backbones.torchvision_backbone", "name": "vgg11", "weights": None}
+    model = TransferModel(backbone, ["a", "b"], image_size=32, freeze=False)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    last = torch.channels_last
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert model.normalise(images).is_contiguous()
+    assert not model.normalise(images).is_contiguous(memory_format=last)
+    with torch.no_grad():
+        assert model.normalise(images).is_contiguous(memory_format=last)
+    model.memory_format = last
+    assert model.normalise(images).is_contiguous(memory_format=last)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    model.memory_format = None
+    assert model.normalise(images).is_contiguous(memory_format=last)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("auto", None),
+        ("contiguous", torch.contiguous_format),
+        ("channels_last", torch.channels_last),
+    ],
+)
+def test_memory_format_override_reaches_the_model(image_root, tmp_path, value, expected) -> None:
+    cfg = tiny(image_root, tmp_path, f"memory_format={value}")
+    model, _ = build(cfg)
+    assert model.memory_format == expected

@@ -17,10 +17,12 @@ from conftest import compose_cfg, make_folder, tiny_overrides
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from src.checkpoints import AtomicCheckpointIO, read_checkpoint
+from src.callbacks import AtomicCheckpointIO
+from src.checkpoints import read_checkpoint
 from src.checks import run_settings
 from src.errors import UserError
-from src.model import TransferModel, load_model
+from src.model import TransferModel
+from src.network import load_model
 from src.train import build_model, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -212,7 +214,10 @@ def test_real_checkpoints_load(trained: DictConfig) -> None:
         assert checkpoint["lightning_transfer"]["settings"] == run_settings(trained)
         assert checkpoint["lr_schedulers"] and checkpoint["optimizer_states"][0]["state"]
     assert read_checkpoint(folder / "last.ckpt")["epoch"] == 1
-    assert isinstance(load_model(folder / "best.ckpt"), TransferModel)  # eval, predict, export
+    model = load_model(folder / "best.ckpt")  # what eval, predict, explain and export use
+    trained_model = TransferModel(**read_checkpoint(folder / "best.ckpt")["hyper_parameters"])
+    assert model.state_dict().keys() == trained_model.state_dict().keys()
+    assert model.classes == trained_model.classes and not model.training
 
 
 def test_resume_from_a_real_checkpoint(trained: DictConfig, root: Path, tmp_path: Path) -> None:

@@ -13,23 +13,15 @@ from PIL import Image
 from torchvision.transforms import v2
 
 import src.data
-from src.data import (
-    ImageFolderData,
-    ImagesDataset,
-    StreamingDataset,
-    checkpoint_split,
-    decode,
-    input_classes,
-    list_inputs,
-    scan_cache_file,
-    stream_images,
-)
+import src.images
+from src.data import ImageFolderData, ImagesDataset, StreamingDataset, checkpoint_split
 from src.errors import UserError
+from src.images import decode, input_classes, list_inputs, scan_cache_file, stream_images
 from src.train import train
 from tests.conftest import compose_cfg, make_folder, tiny_overrides
 
 AUGMENT = v2.Compose([v2.RandomResizedCrop(16, scale=(0.3, 1.0)), v2.RandomHorizontalFlip()])
-METRICS_ONLY = {"first_epoch_s", "mean_epoch_s", "wall_s"}
+METRICS_ONLY = {"first_batch_s", "first_epoch_s", "mean_epoch_s", "wall_s"}
 
 
 def folder_data(root: Path, **kwargs) -> ImageFolderData:
@@ -163,13 +155,13 @@ def test_several_processes_stream_instead_of_decoding_everything_each(tmp_path: 
 def count_checks(monkeypatch) -> list[Path]:
     """Record each image that the scan checks."""
     checked: list[Path] = []
-    check = src.data.check_image
+    check = src.images.check_image
 
     def counting(path: Path) -> tuple[int, int]:
         checked.append(path)
         return check(path)
 
-    monkeypatch.setattr(src.data, "check_image", counting)
+    monkeypatch.setattr(src.images, "check_image", counting)
     return checked
 
 

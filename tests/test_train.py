@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -96,9 +97,11 @@ def test_command_line_run_writes_events_checkpoints_and_result(image_root, tmp_p
         f"data.root={image_root}", "image_size=32", "trainer=debug", "trainer.accelerator=cpu",
         f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run_dir}",
     ]  # fmt: skip
+    started = time.monotonic()
     done = subprocess.run(
         command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=os.environ
     )
+    elapsed = time.monotonic() - started
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()
     assert "Total params: 2,227,715" in lines and "Trainable params: 3,843" in lines
@@ -109,4 +112,7 @@ def test_command_line_run_writes_events_checkpoints_and_result(image_root, tmp_p
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "checkpoints" / "best.ckpt").is_file()
     assert (run_dir / ".hydra" / "config.yaml").is_file()
-    assert json.loads((run_dir / "result.json").read_text())["trainable_params"] == 3843
+    written = json.loads((run_dir / "result.json").read_text())
+    assert written["trainable_params"] == 3843
+    # from the process's start: after the imports and data, before the run ended
+    assert 1.0 < written["first_batch_s"] < elapsed - written["mean_epoch_s"]

@@ -1,0 +1,73 @@
+"""Benches on each CPU kind: the machine as it is, and restricted to AVX2 kernels (in a
+subprocess: ATen and oneDNN read their restriction when they start), as an AVX2-only CPU runs."""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+RESTRICTION = " ".join(f"{k}={v}" for k, v in AVX2.items())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """--kinds (native, avx2) and --json (the rows on stdout: how the avx2 subprocess answers)."""
+    parser.add_argument(
+        "--kinds", nargs="+", default=["native", "avx2"], choices=["native", "avx2"]
+    )
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON and stop")
+
+
+def rows_per_kind(
+    args: argparse.Namespace, module: str, measure: Callable[[], list[dict[str, object]]]
+) -> list[dict[str, object]] | None:
+    """`measure()`'s rows for each of `args.kinds`: here for native, for avx2 in `python -m
+    module` with the same arguments under the restriction. None (rows printed) with --json."""
+    if args.json:
+        print(json.dumps(measure()))
+        return None
+    rows = []
+    for kind in args.kinds:
+        if kind == "native":
+            rows += measure()
+            continue
+        done = subprocess.run(
+            [sys.executable, "-m", module, *sys.argv[1:], "--kinds", "native", "--json"],
+            cwd=ROOT,
+            env={**os.environ, **AVX2},
+            stdout=subprocess.PIPE,
+            text=True,
+            check=True,
+        )  # its progress goes to stderr as it comes
+        rows += json.loads(done.stdout.splitlines()[-1])
+    return rows
+
+
+def table(rows: list[dict[str, object]]) -> list[str]:
+    """Markdown table lines, floats with two decimals."""
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for row in rows:
+        cells = [f"{v:,.2f}" if isinstance(v, float) else str(v) for v in row.values()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def cpu_model() -> str:
+    """CPU model name, family/model numbers and its bf16 instruction sets, from /proc/cpuinfo."""
+    info: dict[str, str] = {}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    if "model name" not in info:
+        return platform.processor() or "unknown"
+    bf16 = [f for f in info.get("flags", "").split() if f in ("avx512_bf16", "amx_bf16")]
+    return (
+        f"{info['model name']} (family {info.get('cpu family')}, model {info.get('model')}; "
+        f"{', '.join(bf16) or 'no bf16 instructions'})"
+    )
