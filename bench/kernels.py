@@ -15,18 +15,15 @@ import json
 import os
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from bench import kinds
+from bench.train_speed import SIZE, finetune_step, make_model
 from src.features import fold_batchnorm
-from src.model import TransferModel
 from src.runtime import bf16_supported, cpu_kind, keep_freed_memory, memory_format, normalisation
 
-SIZE, CLASSES = 160, 6
 BACKBONES = {
     "mobilenet_v2": "src.backbones.torchvision_backbone",
     "vgg19": "src.backbones.torchvision_backbone",
@@ -49,14 +46,8 @@ def seconds_per_call(step, calls: int, warmup: int = 1) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def model_for(name: str, frozen: bool) -> TransferModel:
-    backbone = {"_target_": BACKBONES[name], "name": name, "weights": None}
-    optimizer = partial(torch.optim.RMSprop, lr=1e-4, alpha=0.9, eps=1e-7)
-    return TransferModel(backbone, [str(c) for c in range(CLASSES)], SIZE, frozen, optimizer)
-
-
 def extract_rate(name: str, fmt: torch.memory_format, bf16: bool, batch: int, calls: int) -> float:
-    model = model_for(name, frozen=True).eval()
+    model = make_model(name, True, BACKBONES[name]).eval()
     model.memory_format = fmt
     x = torch.randint(0, 256, (batch, 3, SIZE, SIZE), dtype=torch.uint8)
     backbone = fold_batchnorm(model.backbone, model.normalise(x[:2]))
@@ -69,20 +60,9 @@ def extract_rate(name: str, fmt: torch.memory_format, bf16: bool, batch: int, ca
 
 
 def finetune_rate(name: str, fmt: torch.memory_format, bf16: bool, batch: int, calls: int) -> float:
-    model = model_for(name, frozen=False).train()
+    model = make_model(name, False, BACKBONES[name])
     model.memory_format = fmt
-    optimizer = model.configure_optimizers()
-    x = torch.randint(0, 256, (batch, 3, SIZE, SIZE), dtype=torch.uint8)
-    y = torch.randint(0, CLASSES, (batch,))
-
-    def step() -> None:
-        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(model(x).float(), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-    return batch / seconds_per_call(step, calls)
+    return batch / seconds_per_call(finetune_step(model, bf16, batch), calls)
 
 
 def measure(backbones: list[str], batch: int, calls: int) -> list[dict[str, object]]:
@@ -93,7 +73,7 @@ def measure(backbones: list[str], batch: int, calls: int) -> list[dict[str, obje
     for name in backbones:
         for phase, timed in (("extract", extract_rate), ("fine-tune", finetune_rate)):
             rates = {label: timed(name, fmt, bf16, batch, calls) for label, fmt in FORMATS.items()}
-            norm = normalisation(model_for(name, frozen=True).backbone)
+            norm = normalisation(make_model(name, True, BACKBONES[name]).backbone)
             chosen = memory_format(norm, learning=phase == "fine-tune")
             rows.append(
                 {
@@ -118,10 +98,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--calls", type=int, default=3, help="timed batches per rate")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "KERNELS.md")
-    kinds.add_arguments(parser)
-    args = parser.parse_args()
-    rows = kinds.rows_per_kind(
-        args, "bench.kernels", lambda: measure(args.backbones, args.batch, args.calls)
+    args, rows = kinds.rows_per_kind(
+        parser, "bench.kernels", lambda a: measure(a.backbones, a.batch, a.calls)
     )
     if rows is None:
         return

@@ -15,26 +15,27 @@ AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 RESTRICTION = " ".join(f"{k}={v}" for k, v in AVX2.items())
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """--kinds (native, avx2) and --json (the rows on stdout: how the avx2 subprocess answers)."""
+def rows_per_kind(
+    parser: argparse.ArgumentParser,
+    module: str,
+    measure: Callable[[argparse.Namespace], list[dict[str, object]]],
+) -> tuple[argparse.Namespace, list[dict[str, object]] | None]:
+    """The arguments `parser` reads, with --kinds (native, avx2) and --json added, and
+    `measure(args)`'s rows for each kind: here for native, for avx2 in `python -m module` with the
+    same arguments under the restriction. Rows None (printed as JSON instead) with --json, which
+    is how that subprocess answers."""
     parser.add_argument(
         "--kinds", nargs="+", default=["native", "avx2"], choices=["native", "avx2"]
     )
     parser.add_argument("--json", action="store_true", help="print the rows as JSON and stop")
-
-
-def rows_per_kind(
-    args: argparse.Namespace, module: str, measure: Callable[[], list[dict[str, object]]]
-) -> list[dict[str, object]] | None:
-    """`measure()`'s rows for each of `args.kinds`: here for native, for avx2 in `python -m
-    module` with the same arguments under the restriction. None (rows printed) with --json."""
+    args = parser.parse_args()
     if args.json:
-        print(json.dumps(measure()))
-        return None
+        print(json.dumps(measure(args)))
+        return args, None
     rows = []
     for kind in args.kinds:
         if kind == "native":
-            rows += measure()
+            rows += measure(args)
             continue
         done = subprocess.run(
             [sys.executable, "-m", module, *sys.argv[1:], "--kinds", "native", "--json"],
@@ -45,7 +46,7 @@ def rows_per_kind(
             check=True,
         )  # its progress goes to stderr as it comes
         rows += json.loads(done.stdout.splitlines()[-1])
-    return rows
+    return args, rows
 
 
 def table(rows: list[dict[str, object]]) -> list[str]:

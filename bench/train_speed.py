@@ -37,6 +37,7 @@ from src.model import TransferModel
 from src.runtime import bf16_supported, cpu_kind, keep_freed_memory, quiet_lightning
 
 N_TRAIN, N_TEST, SIZE, BATCH, CLASSES = 1344, 150, 160, 32, 6
+TORCHVISION = "src.backbones.torchvision_backbone"
 
 
 def rate(step, images_per_call: int, calls: int, warmup: int = 2) -> float:
@@ -86,8 +87,9 @@ def plain_epoch_seconds(name: str, calls: int) -> float:
     return N_TRAIN / train + N_TEST / rate(eval_step, BATCH, calls)
 
 
-def make_model(name: str, frozen: bool) -> TransferModel:
-    backbone = {"_target_": "src.backbones.torchvision_backbone", "name": name, "weights": None}
+def make_model(name: str, frozen: bool, target: str = TORCHVISION) -> TransferModel:
+    """This project's model of backbone `name` (random weights) built by `target`."""
+    backbone = {"_target_": target, "name": name, "weights": None}
     optimizer = partial(torch.optim.RMSprop, lr=1e-4, alpha=0.9, eps=1e-7)
     return TransferModel(backbone, [str(c) for c in range(CLASSES)], SIZE, frozen, optimizer)
 
@@ -148,12 +150,11 @@ def cli_run(root: Path, backbone: str, overrides: list[str]) -> dict[str, float]
     }
 
 
-def finetune_rate(name: str, bf16: bool, calls: int) -> float:
-    """Images per second of full fine-tune steps (forward, backward, RMSprop) of this project."""
-    model = make_model(name, frozen=False).train()
-    optimizer = model.configure_optimizers()
-    x = torch.randint(0, 256, (BATCH, 3, SIZE, SIZE), dtype=torch.uint8)
-    y = torch.randint(0, CLASSES, (BATCH,))
+def finetune_step(model: TransferModel, bf16: bool, batch: int) -> Callable[[], None]:
+    """One full fine-tune step of `model` (forward, backward, RMSprop) on a random uint8 batch."""
+    optimizer = model.train().configure_optimizers()
+    x = torch.randint(0, 256, (batch, 3, SIZE, SIZE), dtype=torch.uint8)
+    y = torch.randint(0, CLASSES, (batch,))
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -162,7 +163,12 @@ def finetune_rate(name: str, bf16: bool, calls: int) -> float:
         loss.backward()
         optimizer.step()
 
-    return rate(step, BATCH, calls)
+    return step
+
+
+def finetune_rate(name: str, bf16: bool, calls: int) -> float:
+    """Images per second of full fine-tune steps (forward, backward, RMSprop) of this project."""
+    return rate(finetune_step(make_model(name, frozen=False), bf16, BATCH), BATCH, calls)
 
 
 def forward_gflop(name: str) -> float:
@@ -250,10 +256,8 @@ def main() -> None:
     parser.add_argument("--backbones", nargs="+", default=["mobilenet_v2", "vgg19"])
     parser.add_argument("--calls", type=int, default=6, help="timed batches per rate")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "RESULTS.md")
-    kinds.add_arguments(parser)
-    args = parser.parse_args()
-    rows = kinds.rows_per_kind(
-        args, "bench.train_speed", lambda: measure(args.backbones, args.epochs, args.calls)
+    args, rows = kinds.rows_per_kind(
+        parser, "bench.train_speed", lambda a: measure(a.backbones, a.epochs, a.calls)
     )
     if rows is None:
         return

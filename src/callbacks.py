@@ -130,10 +130,14 @@ class RunCheckpoint(ModelCheckpoint):
         self, trainer: L.Trainer, monitor_candidates: dict[str, torch.Tensor]
     ) -> None:
         best = self._last_checkpoint_saved
-        just_written = best and best == self.best_model_path
-        if self.save_last is True and just_written and trainer.world_size == 1:
+        best_written_now = (
+            best
+            and best == self.best_model_path
+            and self._last_global_step_saved == trainer.global_step
+        )
+        if self.save_last is True and best_written_now and trainer.world_size == 1:
             last = self.format_checkpoint_name(monitor_candidates, self.CHECKPOINT_NAME_LAST)
-            if self._last_global_step_saved == trainer.global_step and hard_link(best, last):
+            if hard_link(best, last):
                 self.last_model_path = last
                 return
         super()._save_last_checkpoint(trainer, monitor_candidates)

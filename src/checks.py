@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.checkpoints import CKPT_FIX, RECORD, read_checkpoint, upgrade
 from src.errors import UserError
+from src.runtime import MEMORY_FORMATS
 
 log = logging.getLogger(__name__)
 MAX_SEED = 2**32 - 1  # what seed_everything accepts and numpy's SeedSequence needs (>= 0)
@@ -49,8 +50,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     "class_weights": (lambda v: v in (None, "auto"), "auto or null", "auto"),
     "sampler": (lambda v: v in ("shuffle", "balanced"), "shuffle or balanced", "balanced"),
     "memory_format": (
-        lambda v: v in ("auto", "channels_last", "contiguous"),
-        "auto, channels_last or contiguous",
+        lambda v: v == "auto" or v in MEMORY_FORMATS,
+        f"auto, {' or '.join(MEMORY_FORMATS)}",
         "auto",
     ),
     "folds": (lambda v: v is None or whole(2)(v), "null or a whole number, at least 2", "5"),
