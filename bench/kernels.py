@@ -12,7 +12,6 @@ machine then runs the kernels an AVX2-only CPU has). Writes bench/KERNELS.md.
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -104,18 +103,14 @@ def main() -> None:
     if rows is None:
         return
     lines = [
-        f"# Memory format per CPU kind: {kinds.cpu_model()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}",
-        "",
-        f"Batch {args.batch} at {SIZE} px, random weights, median of {args.calls} timed batches. "
-        f"`avx2`: the same machine restricted with {kinds.RESTRICTION}. `chosen`: what "
-        "src.runtime.memory_format picks; `chosen/best`: its rate over the faster format's.",
+        f"torch {torch.__version__}. Batch {args.batch} at {SIZE} px, random weights, median of "
+        f"{args.calls} timed batches. `avx2`: the same machine restricted with "
+        f"{kinds.RESTRICTION}. `chosen`: what src.runtime.memory_format picks; `chosen/best`: "
+        "its rate over the faster format's.",
         "",
         *kinds.table(rows),
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.write_text(text)
+    kinds.write_section(args.out, "Memory format per CPU kind", lines)
 
 
 if __name__ == "__main__":

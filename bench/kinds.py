@@ -10,6 +10,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from src.runtime import cpu_kind
+
 ROOT = Path(__file__).resolve().parents[1]
 AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 RESTRICTION = " ".join(f"{k}={v}" for k, v in AVX2.items())
@@ -25,7 +27,11 @@ def rows_per_kind(
     same arguments under the restriction. Rows None (printed as JSON instead) with --json, which
     is how that subprocess answers."""
     parser.add_argument(
-        "--kinds", nargs="+", default=["native", "avx2"], choices=["native", "avx2"]
+        "--kinds",
+        nargs="+",
+        default=["native", "avx2"] if cpu_kind() != "avx2" else ["native"],
+        choices=["native", "avx2"],
+        help="default: native, and avx2 where the CPU has more than AVX2",
     )
     parser.add_argument("--json", action="store_true", help="print the rows as JSON and stop")
     args = parser.parse_args()
@@ -57,6 +63,17 @@ def table(rows: list[dict[str, object]]) -> list[str]:
         cells = [f"{v:,.2f}" if isinstance(v, float) else str(v) for v in row.values()]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def write_section(path: Path, title: str, lines: list[str]) -> None:
+    """Write `lines` as this CPU's section of `path` (under `# title`), keeping the sections of
+    other CPUs, and print them: one file gathers the figures of every CPU kind measured."""
+    heading = f"## {cpu_model()}, {os.cpu_count()} cores"
+    sections = path.read_text().split("\n## ")[1:] if path.is_file() else []
+    kept = [f"## {s.rstrip()}" for s in sections if not f"## {s}".startswith(heading + "\n")]
+    section = "\n".join([heading, "", *lines])
+    print(section)
+    path.write_text("\n\n".join([f"# {title}", *kept, section]) + "\n")
 
 
 def cpu_model() -> str:

@@ -14,7 +14,6 @@ CPU runs. Prints a table and writes it to bench/RESULTS.md.
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -122,7 +121,7 @@ sys.exit(os.waitstatus_to_exitcode(status))
 
 def cli_run(root: Path, backbone: str, overrides: list[str]) -> dict[str, float]:
     """`python -m src.train` on `root`: wall, peak RSS and what its result.json says
-    (first_batch_s, mean_epoch_s)."""
+    (first_batch_s, mean_epoch_s, fit_s, the training images)."""
     with tempfile.TemporaryDirectory() as run_dir:
         command = [
             sys.executable, "-m", "src.train", f"backbone={backbone}", "backbone.weights=null",
@@ -146,6 +145,8 @@ def cli_run(root: Path, backbone: str, overrides: list[str]) -> dict[str, float]
         "wall_s": wall,
         "first_batch_s": result["first_batch_s"],
         "epoch_s": result["mean_epoch_s"],
+        "fit_s": result["fit_s"],
+        "train_images": result["split"]["splits"]["train"]["count"],
         "peak_rss_gib": peak_kb / 2**20,
     }
 
@@ -238,7 +239,7 @@ def measure(backbones: list[str], epochs: int, calls: int) -> list[dict[str, obj
                     "extract GFLOP/s": forward_gflop(name) * extract_rate,
                     f"frozen run ({epochs} epochs) wall s": frozen["wall_s"],
                     "frozen run: first batch s": frozen["first_batch_s"],
-                    "cached epoch ms": frozen["epoch_s"] * 1000,
+                    "cached epoch ms": frozen["fit_s"] / epochs * 1000,
                     "plain/frozen run": plain[name] * epochs / frozen["wall_s"],
                     "frozen run peak RSS GiB": frozen["peak_rss_gib"],
                     "fine-tune run: first batch s": finetune["first_batch_s"],
@@ -264,20 +265,19 @@ def main() -> None:
     peak_bf16 = matmul_peak_gflops(torch.bfloat16) if bf16_supported("cpu") else float("nan")
     peak_fp32 = matmul_peak_gflops(torch.float32)
     lines = [
-        f"# Training speed: {kinds.cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}",
-        "",
-        f"1,494 images at {SIZE} px ({N_TRAIN} train, {N_TEST} test), batch {BATCH}, random "
-        f"weights. `avx2`: the same machine restricted with {kinds.RESTRICTION}, as an "
-        "AVX2-only CPU runs (no bf16). Plain (measured first): torchvision layers in "
-        "fp32, NCHW, glibc's default malloc settings; frozen runs the backbone every epoch. "
-        "Extract: this project's extraction (the precision column's autocast, the memory format "
-        "src.runtime.memory_format picks, BatchNorm folded). Frozen run: `python -m src.train "
-        f"backbone=<name> backbone.weights=null head_fit=recipe trainer.max_epochs={args.epochs}` "
-        "on a folder of JPEGs of that shape (wall time with start-up; first batch: seconds from "
-        "the process's start to the first training batch, extraction included; cached epoch: "
-        "its mean epoch on the cached features, validation and checkpoints included). Fine-tune "
-        "run: the same with freeze=false (images decoded, the before-training test done). "
-        "Fine-tune img/s: this project's model, forward + backward + RMSprop step.",
+        f"torch {torch.__version__}. 1,494 images at {SIZE} px ({N_TRAIN} train, {N_TEST} test),"
+        f" batch {BATCH}, random weights. `avx2`: the same machine restricted with "
+        f"{kinds.RESTRICTION}, as an AVX2-only CPU runs (no bf16). Plain (measured first): "
+        "torchvision layers in fp32, NCHW, glibc's default malloc settings; frozen runs the "
+        "backbone every epoch. Extract: this project's extraction (the precision column's "
+        "autocast, the memory format src.runtime.memory_format picks, BatchNorm folded). Frozen"
+        " run: `python -m src.train backbone=<name> backbone.weights=null head_fit=recipe "
+        f"trainer.max_epochs={args.epochs}` on a folder of JPEGs of that shape (wall time with "
+        "start-up; first batch: seconds from the process's start to the first training batch, "
+        "extraction included; cached epoch: its training loop's wall time over its epochs, "
+        "validation and checkpoints included). Fine-tune run: the same with freeze=false "
+        "(images decoded, the before-training test done). Fine-tune img/s: this project's "
+        "model, forward + backward + RMSprop step.",
         "",
         *kinds.table(rows),
     ]
@@ -289,9 +289,7 @@ def main() -> None:
         "",
         f"Decode + resize to {SIZE} px (640x480 JPEG, decode_all): {decode_rate():,.0f} img/s.",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.write_text(text)
+    kinds.write_section(args.out, "Training speed per CPU kind", lines)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
         f"auto, {' or '.join(MEMORY_FORMATS)}",
         "auto",
     ),
+    "last_ckpt_every_s": (lambda v: number(v) and v >= 0, "a number of seconds, at least 0", "10"),
     "folds": (lambda v: v is None or whole(2)(v), "null or a whole number, at least 2", "5"),
 }
 

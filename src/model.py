@@ -195,11 +195,20 @@ class TransferModel(TransferNet, L.LightningModule):
         return None
 
     def _learn(self, loss: torch.Tensor) -> None:
-        """One optimizer step on `loss`, and the per-step schedulers' (manual optimization)."""
-        optimizer = self.optimizers()
+        """One optimizer step on `loss`, and the per-step schedulers' (manual optimization).
+
+        The torch optimizer and backward directly: Lightning's wrappers (its per-step hooks and
+        profiler) cost more than a linear head's step, and `train_on_chunks` runs only where
+        they add nothing (no gradient scaler, clipping or accumulation). The step is counted in
+        Lightning's progress, as its optimizer wrapper would, so `global_step`, logging,
+        checkpoints and resuming see every step."""
+        optimizer = self.optimizers(use_pl_optimizer=False)
         optimizer.zero_grad()
-        self.manual_backward(loss)
+        loss.backward()
         optimizer.step()
+        steps = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        steps.increment_ready()
+        steps.increment_completed()
         for config in self.trainer.lr_scheduler_configs:
             if config.interval == "step":
                 config.scheduler.step()

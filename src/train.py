@@ -54,8 +54,9 @@ def use_cached_features(cfg: DictConfig, data: Any) -> bool:
 def trains_on_chunks(trainer: L.Trainer, cfg: DictConfig) -> bool:
     """Whether a run on cached features can take each epoch's minibatches in one Lightning step
     (src.data.FeatureChunks): one process, no Trainer setting that counts or cuts minibatches
-    (clipping, accumulation, batch limits, max_steps, mid-epoch validation, the lr finder), and
-    no scheduler that Lightning steps per epoch (a plateau), which manual optimization skips."""
+    (clipping, accumulation, batch limits, max_steps, mid-epoch validation, the lr finder), no
+    gradient scaler (16-mixed on a GPU), and no scheduler that Lightning steps per epoch (a
+    plateau), which manual optimization skips."""
     limits = (trainer.limit_train_batches, trainer.limit_val_batches, trainer.limit_test_batches)
     return (
         trainer.world_size == 1
@@ -66,6 +67,7 @@ def trains_on_chunks(trainer: L.Trainer, cfg: DictConfig) -> bool:
         and all(isinstance(limit, float) and limit == 1.0 for limit in limits)
         and trainer.val_check_interval == 1.0
         and not cfg.lr_find
+        and getattr(trainer.precision_plugin, "scaler", None) is None
         and cfg.scheduler.get("interval") != "epoch"
     )
 
@@ -246,7 +248,12 @@ def train(cfg: DictConfig) -> float:
         )
     timer = EpochTimer()
     checkpoint = RunCheckpoint(
-        dirpath=out / "checkpoints", filename="best", monitor="val/acc", mode="max", save_last=True
+        dirpath=out / "checkpoints",
+        filename="best",
+        monitor="val/acc",
+        mode="max",
+        save_last=True,
+        last_every_s=cfg.last_ckpt_every_s,
     )
     logger = instantiate(cfg.logger) if cfg.logger else False
     callbacks = [timer, checkpoint] + ([LearningRateMonitor("epoch")] if logger else [])
@@ -306,6 +313,7 @@ def train(cfg: DictConfig) -> float:
         else probe["val_acc"],
         "best_epoch": int(best["epoch"]),
         "first_batch_s": timer.first_batch_s,
+        "fit_s": timer.fit_s,
         "first_epoch_s": timer.seconds[0] if timer.seconds else None,
         "mean_epoch_s": sum(timer.seconds) / len(timer.seconds) if timer.seconds else None,
         "wall_s": time.perf_counter() - start,

@@ -17,7 +17,7 @@ from src.errors import user_message
 from src.model import TransferModel
 from src.train import train
 
-TIMINGS = {"first_batch_s", "first_epoch_s", "mean_epoch_s", "wall_s", "max_epochs"}
+TIMINGS = {"first_batch_s", "fit_s", "first_epoch_s", "mean_epoch_s", "wall_s", "max_epochs"}
 
 
 def run(cfg: DictConfig, name: str, *overrides: str) -> tuple[dict, dict]:
@@ -143,3 +143,36 @@ def test_last_checkpoint_is_the_best_one_linked_only_when_that_step_was_the_best
     assert (last["epoch"], best["epoch"]) == (1, 0)
     assert not torch.equal(last["optimizer_states"][0]["state"][0]["square_avg"],
                            best["optimizer_states"][0]["state"][0]["square_avg"])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("every_s", "stop", "written"),
+    [
+        ("0", "trainer.max_epochs=4", [1, 2, 3]),  # every epoch not linked to a new best
+        ("1e9", "trainer.max_epochs=4", [3]),  # only the last epoch's
+        ("1e9", "early_stopping=1", [1]),  # the epoch that early stopping ends on
+    ],
+)
+def test_last_checkpoint_is_written_when_due_and_when_training_ends(
+    tiny_cfg: DictConfig,
+    monkeypatch: pytest.MonkeyPatch,
+    every_s: str,
+    stop: str,
+    written: list[int],
+) -> None:
+    """Epoch 0 is the best (an lr too small to change a weight after it) and last.ckpt links
+    to it; after that last.ckpt is written when `last_ckpt_every_s` has passed, and at the end."""
+    save, writes = src.callbacks.AtomicCheckpointIO.save_checkpoint, []
+
+    def recorded(io: object, checkpoint: dict, path: str, storage_options: object = None) -> None:
+        writes.append((Path(path).name, checkpoint["epoch"]))
+        save(io, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(src.callbacks.AtomicCheckpointIO, "save_checkpoint", recorded)
+    _, last = run(
+        tiny_cfg, "run", "trainer.max_epochs=4", stop, "optimizer.lr=1e-12",
+        f"last_ckpt_every_s={every_s}",
+    )  # fmt: skip
+    assert [epoch for name, epoch in writes if name == "last.ckpt"] == written
+    assert [epoch for name, epoch in writes if name == "best.ckpt"] == [0]
+    assert last["epoch"] == written[-1]

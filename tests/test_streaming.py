@@ -21,7 +21,7 @@ from src.train import train
 from tests.conftest import compose_cfg, make_folder, tiny_overrides
 
 AUGMENT = v2.Compose([v2.RandomResizedCrop(16, scale=(0.3, 1.0)), v2.RandomHorizontalFlip()])
-METRICS_ONLY = {"first_batch_s", "first_epoch_s", "mean_epoch_s", "wall_s"}
+METRICS_ONLY = {"first_batch_s", "fit_s", "first_epoch_s", "mean_epoch_s", "wall_s"}
 
 
 def folder_data(root: Path, **kwargs) -> ImageFolderData:

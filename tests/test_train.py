@@ -116,3 +116,5 @@ def test_command_line_run_writes_events_checkpoints_and_result(image_root, tmp_p
     assert written["trainable_params"] == 3843
     # from the process's start: after the imports and data, before the run ended
     assert 1.0 < written["first_batch_s"] < elapsed - written["mean_epoch_s"]
+    # the training loop, its checkpoint writes included, within the run and after the first batch
+    assert written["mean_epoch_s"] <= written["fit_s"] < elapsed - written["first_batch_s"]
