@@ -9,11 +9,11 @@ epoch (`--vgg-batches`). `--kinds native avx2` also runs both restricted to AVX2
 (TensorFlow's oneDNN reads ONEDNN_MAX_CPU_ISA too). Prints a table and writes bench/PEER.md.
 
     python -m bench.keras_peer [--peer-python ~/.cache/keras-peer/bin/python] [--kinds native]
+        [--modes vgg19:fine-tuned ...]
 """
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -45,7 +45,11 @@ def ours(backbone: str, frozen: bool, vgg_batches: int) -> dict:
     overrides = ["head_fit=recipe"] if frozen else ["freeze=false"]
     overrides += [] if frozen else ["trainer.max_epochs=2"]
     if backbone == "vgg19" and not frozen:
-        overrides += [f"trainer.limit_train_batches={vgg_batches}", "trainer.limit_val_batches=1"]
+        overrides += [
+            f"+trainer.limit_train_batches={vgg_batches}",
+            "+trainer.limit_val_batches=1",
+            "+trainer.limit_test_batches=1",
+        ]
     run = cli_run(DATA, backbone, overrides)
     run["images_per_epoch"] = (
         BATCH * vgg_batches if backbone == "vgg19" and not frozen else run["train_images"]
@@ -53,10 +57,13 @@ def ours(backbone: str, frozen: bool, vgg_batches: int) -> dict:
     return run
 
 
-def measure(python: str, vgg_batches: int) -> list[dict[str, object]]:
-    """One row per mode on the kernels this process (and the recipe beside it) may use."""
+def measure(python: str, vgg_batches: int, modes: list[str]) -> list[dict[str, object]]:
+    """One row per mode (`backbone:frozen|fine-tuned`) on the kernels this process (and the
+    recipe beside it) may use."""
     rows = []
     for backbone, frozen in MODES:
+        if f"{backbone}:{'frozen' if frozen else 'fine-tuned'}" not in modes:
+            continue
         vgg = backbone == "vgg19"
         if frozen:
             keras = keras_rate(python, backbone, True, 2 if vgg else 5, 5 if vgg else None)
@@ -94,15 +101,18 @@ def main() -> None:
         "--peer-python", default=str(Path.home() / ".cache" / "keras-peer" / "bin" / "python")
     )
     parser.add_argument("--vgg-batches", type=int, default=3)
+    names = [f"{b}:{'frozen' if f else 'fine-tuned'}" for b, f in MODES]
+    parser.add_argument("--modes", nargs="+", default=names, choices=names)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "PEER.md")
     args, rows = kinds.rows_per_kind(
-        parser, "bench.keras_peer", lambda a: measure(a.peer_python, a.vgg_batches)
+        parser, "bench.keras_peer", lambda a: measure(a.peer_python, a.vgg_batches, a.modes)
     )
     if rows is None:
         return
     lines = [
-        f"On {kinds.cpu_model()}, {os.cpu_count()} cores. `avx2`: both restricted with "
-        f"{kinds.RESTRICTION}. `ahead`: our speed over the recipe's.",
+        "TensorFlow beside torch, one after the other (method: bench/keras_peer.py). `avx2` on "
+        f"a CPU with more: both restricted with {kinds.RESTRICTION}. `ahead`: our speed over "
+        "the recipe's.",
         "",
         *kinds.table(rows),
     ]
