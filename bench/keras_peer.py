@@ -107,16 +107,12 @@ def main() -> None:
     args, rows = kinds.rows_per_kind(
         parser, "bench.keras_peer", lambda a: measure(a.peer_python, a.vgg_batches, a.modes)
     )
-    if rows is None:
-        return
-    lines = [
+    intro = (
         "TensorFlow beside torch, one after the other (method: bench/keras_peer.py). `avx2` on "
         f"a CPU with more: both restricted with {kinds.RESTRICTION}. `ahead`: our speed over "
-        "the recipe's.",
-        "",
-        *kinds.table(rows),
-    ]
-    kinds.write_section(args.out, "Against the published tf.keras recipe", lines)
+        "the recipe's."
+    )
+    kinds.write_section(args.out, "Against the published tf.keras recipe", intro, rows)
 
 
 if __name__ == "__main__":

@@ -100,17 +100,13 @@ def main() -> None:
     args, rows = kinds.rows_per_kind(
         parser, "bench.kernels", lambda a: measure(a.backbones, a.batch, a.calls)
     )
-    if rows is None:
-        return
-    lines = [
+    intro = (
         f"torch {torch.__version__}. Batch {args.batch} at {SIZE} px, random weights, median of "
         f"{args.calls} timed batches. `avx2`: the same machine restricted with "
         f"{kinds.RESTRICTION}. `chosen`: what src.runtime.memory_format picks; `chosen/best`: "
-        "its rate over the faster format's.",
-        "",
-        *kinds.table(rows),
-    ]
-    kinds.write_section(args.out, "Memory format per CPU kind", lines)
+        "its rate over the faster format's."
+    )
+    kinds.write_section(args.out, "Memory format per CPU kind", intro, rows)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import os
 import platform
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from src.runtime import cpu_kind
@@ -21,11 +21,11 @@ def rows_per_kind(
     parser: argparse.ArgumentParser,
     module: str,
     measure: Callable[[argparse.Namespace], list[dict[str, object]]],
-) -> tuple[argparse.Namespace, list[dict[str, object]] | None]:
+) -> tuple[argparse.Namespace, list[dict[str, object]]]:
     """The arguments `parser` reads, with --kinds (native, avx2) and --json added, and
     `measure(args)`'s rows for each kind: here for native, for avx2 in `python -m module` with the
-    same arguments under the restriction. Rows None (printed as JSON instead) with --json, which
-    is how that subprocess answers."""
+    same arguments under the restriction. With --json (how that subprocess answers) the rows are
+    printed as JSON and the process exits."""
     parser.add_argument(
         "--kinds",
         nargs="+",
@@ -37,7 +37,7 @@ def rows_per_kind(
     args = parser.parse_args()
     if args.json:
         print(json.dumps(measure(args)))
-        return args, None
+        raise SystemExit(0)
     rows = []
     for kind in args.kinds:
         if kind == "native":
@@ -65,10 +65,14 @@ def table(rows: list[dict[str, object]]) -> list[str]:
     return lines
 
 
-def write_section(path: Path, title: str, lines: list[str]) -> None:
-    """Write `lines` as this CPU's section of `path` (under `# title`), keeping the sections of
-    other CPUs, and print them: one file gathers the figures of every CPU kind measured."""
+def write_section(
+    path: Path, title: str, intro: str, rows: list[dict[str, object]], notes: Sequence[str] = ()
+) -> None:
+    """Write `intro`, the table of `rows` and `notes` (paragraphs) as this CPU's section of
+    `path` (under `# title`), keeping the sections of other CPUs, and print it: one file gathers
+    the figures of every CPU kind measured."""
     heading = f"## {cpu_model()}, {os.cpu_count()} cores"
+    lines = [intro, "", *table(rows)] + [line for note in notes for line in ("", note)]
     sections = path.read_text().split("\n## ")[1:] if path.is_file() else []
     kept = [f"## {s.rstrip()}" for s in sections if not f"## {s}".startswith(heading + "\n")]
     section = "\n".join([heading, "", *lines])

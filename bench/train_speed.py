@@ -260,11 +260,9 @@ def main() -> None:
     args, rows = kinds.rows_per_kind(
         parser, "bench.train_speed", lambda a: measure(a.backbones, a.epochs, a.calls)
     )
-    if rows is None:
-        return
     peak_bf16 = matmul_peak_gflops(torch.bfloat16) if bf16_supported("cpu") else float("nan")
     peak_fp32 = matmul_peak_gflops(torch.float32)
-    lines = [
+    intro = (
         f"torch {torch.__version__}. 1,494 images at {SIZE} px ({N_TRAIN} train, {N_TEST} test),"
         f" batch {BATCH}, random weights. `avx2`: the same machine restricted with "
         f"{kinds.RESTRICTION}, as an AVX2-only CPU runs (no bf16). Plain (measured first): "
@@ -277,19 +275,15 @@ def main() -> None:
         "extraction included; cached epoch: its training loop's wall time over its epochs, "
         "validation and checkpoints included). Fine-tune run: the same with freeze=false "
         "(images decoded, the before-training test done). Fine-tune img/s: this project's "
-        "model, forward + backward + RMSprop step.",
-        "",
-        *kinds.table(rows),
-    ]
-    lines += [
-        "",
+        "model, forward + backward + RMSprop step."
+    )
+    notes = [
         f"Matmul peak (2048^2, measured, unrestricted): bf16 {peak_bf16:,.0f} GFLOP/s, fp32 "
         f"{peak_fp32:,.0f} GFLOP/s. Extraction GFLOP/s counts the backbone forward's FLOPs "
         "(torch FlopCounterMode).",
-        "",
         f"Decode + resize to {SIZE} px (640x480 JPEG, decode_all): {decode_rate():,.0f} img/s.",
     ]
-    kinds.write_section(args.out, "Training speed per CPU kind", lines)
+    kinds.write_section(args.out, "Training speed per CPU kind", intro, rows, notes)
 
 
 if __name__ == "__main__":

@@ -125,8 +125,8 @@ def bf16_supported(accelerator: str) -> bool:
     (T4, V100), without its speed. CPU: bf16 instructions (AVX512_BF16: Cooper Lake, Zen 4 on;
     AMX-BF16: Sapphire Rapids on); not mkldnn's check, which only needs AVX-512BW and so takes
     Skylake, where oneDNN converts bf16 to float32 for each op; and not where the kernels are
-    restricted below them. Other CPUs (Apple silicon, ARM, any without
-    /proc/cpuinfo) count as not native: `precision=bf16-mixed` asks for bf16 there.
+    restricted below them. Other CPUs (Apple silicon, ARM, any without /proc/cpuinfo) count as
+    not native: `precision=bf16-mixed` asks for bf16 there.
     """
     if accelerator == "gpu":
         return torch.cuda.get_device_capability() >= BF16_GPU_CAPABILITY
