@@ -43,6 +43,10 @@ from src.train import run, train
             "memory_format=nhwc",
             "memory_format=nhwc is invalid: it must be auto, channels_last or contiguous",
         ),
+        (
+            "last_ckpt_every_s=-1",
+            "last_ckpt_every_s=-1 is invalid: it must be a number of seconds, at least 0",
+        ),
     ],
 )
 def test_wrong_values_in_overrides(tiny_cfg: DictConfig, override: str, expected: str) -> None:
