@@ -36,6 +36,7 @@ from src.images import (
     listing,
     scan_cache_file,
     usable_cores,
+    worker_start,
 )
 
 log = logging.getLogger(__name__)
@@ -843,6 +844,7 @@ class ImageFolderData(L.LightningDataModule):
             **batching,
             num_workers=workers,
             persistent_workers=workers > 0,
+            multiprocessing_context=worker_start(workers),
             pin_memory=pin,
             **({"collate_fn": FeaturesDataset.collate} if features else {}),
         )

@@ -41,6 +41,16 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def worker_start(workers: int) -> str | None:
+    """DataLoader workers' start method: fork where the platform has it, as Linux's default.
+
+    In a process started by spawn (a ddp_spawn rank, a loky job) the default is the parent's:
+    spawn, whose workers import torch and this package again (about 10 s a loader on 2 cores)
+    and must pickle the dataset's functions by value, which fails in a loky job.
+    """
+    return "fork" if workers and "fork" in multiprocessing.get_all_start_methods() else None
+
+
 def progress(items: Any, total: int, what: str) -> Any:
     """`items` with a progress bar on a terminal when there are PROGRESS_MIN or more."""
     return tqdm(
@@ -326,11 +336,7 @@ def stream_images(
         num_workers=workers,
         collate_fn=partial(collate_decoded, size=size),
         pin_memory=pin_memory,
-        # fork, as on Linux by default, also inside a joblib (loky) job, whose own default
-        # start method would pickle the dataset's functions by value and fail
-        multiprocessing_context="fork"
-        if workers and "fork" in multiprocessing.get_all_start_methods()
-        else None,
+        multiprocessing_context=worker_start(workers),
     )
 
 

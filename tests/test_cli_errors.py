@@ -32,20 +32,25 @@ CASES = {  # name -> (overrides, the start of the line users see)
         "cannot write: Not a directory ({tmp}/a_file/run). Fix:",
     ),
 }
+OTHER = ["src.eval", "src.predict", "src.explain", "src.export"]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str, str]]:
-    """Every case's (exit code, stderr, tmp dir), run in parallel processes; plus `full`, the
-    unknown backbone with HYDRA_FULL_ERROR=1."""
+    """Every case's (exit code, stderr, tmp dir), all run at once in their own processes; plus
+    `full`, the unknown backbone with HYDRA_FULL_ERROR=1, and each OTHER command given `bogus=1`."""
     tmp = tmp_path_factory.mktemp("cli")
     (tmp / "a_file").write_text("")
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    commands = {name: ([a.format(tmp=tmp) for a in args], env) for name, (args, _) in CASES.items()}
-    commands["full"] = (["backbone=resnet5"], env | {"HYDRA_FULL_ERROR": "1"})
+    commands = {
+        name: (["src.train", *(a.format(tmp=tmp) for a in args)], env)
+        for name, (args, _) in CASES.items()
+    }
+    commands["full"] = (["src.train", "backbone=resnet5"], env | {"HYDRA_FULL_ERROR": "1"})
+    commands |= {command: ([command, "bogus=1"], env) for command in OTHER}
     procs = {
         name: subprocess.Popen(
-            [sys.executable, "-m", "src.train", *args],
+            [sys.executable, "-m", *args],
             cwd=REPO,
             env=environ,
             stdout=subprocess.PIPE,
@@ -71,18 +76,12 @@ def test_hydra_full_error_shows_the_traceback(runs: dict[str, tuple[int, str, st
     assert code == 1 and "Traceback" in stderr and "MissingConfigException" in stderr
 
 
-@pytest.mark.parametrize("command", ["src.eval", "src.predict", "src.explain", "src.export"])
-def test_other_commands_report_config_errors_on_one_line(command: str) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    done = subprocess.run(
-        [sys.executable, "-m", command, "bogus=1"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-    assert done.returncode == 2, done.stderr
-    assert "Traceback" not in done.stderr
+@pytest.mark.parametrize("command", OTHER)
+def test_other_commands_report_config_errors_on_one_line(
+    runs: dict[str, tuple[int, str, str]], command: str
+) -> None:
+    code, stderr, _ = runs[command]
+    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
     assert lines == ["error: Could not override 'bogus'. To append to your config use +bogus=1"]

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 import torchvision
 from conftest import compose_cfg, make_folder, tiny_overrides
@@ -45,12 +46,17 @@ def test_staged_fine_tune_under_ddp_ends_with_one_model(tmp_path: Path, monkeypa
     assert not torch.equal(rank0["features.0.0.weight"], start["features.0.0.weight"])  # learned
 
 
-def test_ddp_test_counts_each_image_once_like_a_single_process(tmp_path: Path) -> None:
+def test_ddp_test_counts_each_image_once_like_a_single_process(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     root = make_folder(tmp_path / "data", per_class=8, validation=5)  # 15: uneven over 2 ranks
-    train(ddp_cfg(root, "null", tmp_path / "ddp", "trainer.max_epochs=1", "logger=tensorboard"))
+    cfg = ddp_cfg(root, "null", tmp_path / "ddp", "trainer.max_epochs=1", "logger=tensorboard")
+    objective = train(cfg)
+    assert "MEMBER: 2/2" in capfd.readouterr().err  # the second rank joined
     ckpt = tmp_path / "ddp/checkpoints/best.ckpt"
     model = load_checkpoint(str(ckpt))
     data = json.loads((tmp_path / "ddp/result.json").read_text())
+    assert data["val/acc"] == objective and data["trainable_params"] == 3_843  # cfg.objective
     paths = sorted((root / "validation").rglob("*.png"))
     scores, _ = logits_of_files(model, paths, torch.device("cpu"))
     labels = torch.tensor([int(p.parent.name[-1]) for p in paths])

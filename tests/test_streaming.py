@@ -3,6 +3,7 @@ scan cache, and the inference inputs (list_inputs, input_classes, stream_images)
 
 import json
 import logging
+import multiprocessing
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -53,6 +54,8 @@ def test_streamed_batches_are_the_in_memory_ones(tmp_path: Path, workers: int) -
     assert isinstance(streamed.datasets["train"], StreamingDataset)
     loader = streamed.train_dataloader()  # one loader: its workers persist across the epochs
     assert loader.persistent_workers == (workers > 0)
+    fork = loader.multiprocessing_context
+    assert fork.get_start_method() == "fork" if workers else fork is None
     in_memory = [epoch_batches(memory.train_dataloader(), epoch) for epoch in (0, 1)]
     for epoch in (0, 1):
         assert_same(epoch_batches(loader, epoch), in_memory[epoch])
@@ -63,6 +66,22 @@ def test_streamed_batches_are_the_in_memory_ones(tmp_path: Path, workers: int) -
     first = dataset[src.data.EpochIndex(0, 0)][0]
     assert not torch.equal(first, dataset.images[0])
     assert not torch.equal(first, dataset[src.data.EpochIndex(1, 0)][0])
+
+
+def test_workers_fork_where_the_process_default_is_spawn(tmp_path: Path) -> None:
+    """A ddp_spawn rank's default start method is spawn, whose workers would import torch and
+    this package again for every loader."""
+    root = make_folder(tmp_path / "d", per_class=3, validation=1)
+    default = multiprocessing.get_start_method()
+    multiprocessing.set_start_method("spawn", force=True)
+    try:
+        data = folder_data(root, in_memory=False, num_workers=1)
+        data.setup()
+        loader = data.val_dataloader()
+        assert loader.multiprocessing_context.get_start_method() == "fork"
+        assert sum(len(labels) for _, labels in loader) == 3
+    finally:
+        multiprocessing.set_start_method(default, force=True)
 
 
 def test_a_resumed_epoch_augments_as_an_uninterrupted_one(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Sweeps: the multirun summary, a failed job, DDP on two CPU processes, the sweep configs."""
+"""Sweeps: the multirun summary, a failed job, the sweep configs."""
 
 import csv
 import json
@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CONF_DIR, compose_cfg, make_folder
+from conftest import CONF_DIR, make_folder
 from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -18,7 +18,6 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from src.summary import COLUMNS, error_line, write_summary
-from src.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -143,33 +142,6 @@ def test_error_line_is_the_user_error_behind_hydra_instantiate(tmp_path: Path) -
     assert error_line(caught.value).startswith(f"no training folder {tmp_path}/training. Fix:")
     assert error_line(ValueError("bad value\nmore detail")) == "ValueError: bad value"
     assert error_line(KeyError()) == "KeyError"
-
-
-def test_ddp_trains_on_two_cpu_processes(
-    image_root: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
-) -> None:
-    cfg = compose_cfg(
-        [
-            "backbone.weights=null",
-            "data=imagefolder",
-            f"data.root={image_root}",
-            "image_size=32",
-            "batch_size=4",
-            "trainer=ddp",
-            "trainer.accelerator=cpu",
-            "trainer.devices=2",
-            "trainer.max_epochs=1",
-            "logger=none",
-            "precision=32-true",
-        ],
-        tmp_path / "run",
-    )
-    objective = train(cfg)
-    assert "MEMBER: 2/2" in capfd.readouterr().err  # the second rank joined
-    assert (tmp_path / "run" / "checkpoints" / "best.ckpt").is_file()
-    result = json.loads((tmp_path / "run" / "result.json").read_text())
-    assert result["test/acc"] == objective and 0 <= objective <= 1
-    assert result["trainable_params"] == 3_843 and result["best_epoch"] == 0
 
 
 def compose_with_hydra(overrides: list[str]) -> DictConfig:
