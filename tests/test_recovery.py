@@ -62,7 +62,9 @@ def test_ctrl_c_saves_a_last_checkpoint_to_resume_from(
         tiny_cfg.cache_features = False
 
     monkeypatch.setattr(TransferModel, "on_train_batch_start", press_ctrl_c, raising=False)
-    handler = signal.getsignal(signal.SIGINT)
+    # a terminal's Ctrl-C handler: a process a non-interactive shell starts in the background
+    # (`cmd &`, as some CI runners do) inherits SIGINT ignored, and would train to the end
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(SystemExit):  # Lightning exits after its graceful shutdown
             train(tiny_cfg)
