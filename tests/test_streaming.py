@@ -54,8 +54,8 @@ def test_streamed_batches_are_the_in_memory_ones(tmp_path: Path, workers: int) -
     assert isinstance(streamed.datasets["train"], StreamingDataset)
     loader = streamed.train_dataloader()  # one loader: its workers persist across the epochs
     assert loader.persistent_workers == (workers > 0)
-    fork = loader.multiprocessing_context
-    assert fork.get_start_method() == "fork" if workers else fork is None
+    context = loader.multiprocessing_context  # forked workers, as src.images.worker_start says
+    assert context.get_start_method() == "fork" if workers else context is None
     in_memory = [epoch_batches(memory.train_dataloader(), epoch) for epoch in (0, 1)]
     for epoch in (0, 1):
         assert_same(epoch_batches(loader, epoch), in_memory[epoch])
