@@ -12,10 +12,10 @@ import time
 
 import torch
 
-from src.features import extract
-from src.inference import chunks
-from src.model import TransferModel
-from src.runtime import bf16_supported, cpu_flags
+from src.frozen.cache import extract
+from src.model.inference import chunks
+from src.model.module import TransferModel
+from src.run.runtime import bf16_supported, cpu_flags
 
 ARCHITECTURES = [
     ("torchvision", "mobilenet_v2", 160),

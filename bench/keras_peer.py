@@ -23,7 +23,7 @@ from pathlib import Path
 
 from bench import kinds
 from bench.train_speed import cli_run
-from src.runtime import cpu_kind
+from src.run.runtime import cpu_kind
 
 PEER = kinds.ROOT.parent / "shared" / "peer" / "keras_recipe.py"
 DATA = kinds.ROOT / "data" / "footwear"

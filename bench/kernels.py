@@ -3,7 +3,7 @@
 For each backbone (random weights, 160 px) it times this project's frozen extraction (eval mode,
 inference, BatchNorm folded) and its fine-tune step (forward, backward, RMSprop) in both formats,
 with the precision `precision=auto` picks on that kind, and prints which format wins beside the
-one `src.runtime.memory_format` chooses. `--kinds native avx2` also runs the AVX2 kind in a
+one `src.run.runtime.memory_format` chooses. `--kinds native avx2` also runs the AVX2 kind in a
 subprocess restricted with ONEDNN_MAX_CPU_ISA=AVX2 and ATEN_CPU_CAPABILITY=avx2 (an AVX-512
 machine then runs the kernels an AVX2-only CPU has). Writes bench/KERNELS.md.
 
@@ -20,8 +20,14 @@ import torch
 
 from bench import kinds
 from bench.train_speed import SIZE, finetune_step, make_model
-from src.features import fold_batchnorm
-from src.runtime import bf16_supported, cpu_kind, keep_freed_memory, memory_format, normalisation
+from src.frozen.cache import fold_batchnorm
+from src.run.runtime import (
+    bf16_supported,
+    cpu_kind,
+    keep_freed_memory,
+    memory_format,
+    normalisation,
+)
 
 BACKBONES = {
     "mobilenet_v2": "src.backbones.torchvision_backbone",
@@ -103,7 +109,7 @@ def main() -> None:
     intro = (
         f"torch {torch.__version__}. Batch {args.batch} at {SIZE} px, random weights, median of "
         f"{args.calls} timed batches. `avx2`: the same machine restricted with "
-        f"{kinds.RESTRICTION}. `chosen`: what src.runtime.memory_format picks; `chosen/best`: "
+        f"{kinds.RESTRICTION}. `chosen`: what src.run.runtime.memory_format picks; `chosen/best`: "
         "its rate over the faster format's."
     )
     kinds.write_section(args.out, "Memory format per CPU kind", intro, rows)

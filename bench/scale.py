@@ -4,7 +4,7 @@ Generates a synthetic JPEG folder in the published layout once (training/<class>
 validation/<class>/; reused when it is there with the same settings), then measures in one
 process the images per second and the peak memory of each phase: the data module's start-up
 (listing, split and image scan, without and with the scan cache), a frozen-feature extraction
-pass over every image (this project's: src.features.extract_folder with a random-weight
+pass over every image (this project's: src.frozen.cache.extract_folder with a random-weight
 MobileNetV2, streamed through DataLoader workers), and fine-tune steps of this project's model
 (forward, backward, RMSprop; batch 32, 160 px) streamed from disk and, when the images fit in
 memory, decoded into memory first. Writes the table to bench/SCALE.md. Run from the repository root:
@@ -29,11 +29,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from bench.train_speed import cpu_model, peak_rss_gib, reset_peak_rss
-from src.data import ImageFolderData
-from src.features import extract_folder
-from src.images import usable_cores
-from src.model import TransferModel
-from src.runtime import bf16_supported, keep_freed_memory
+from src.data.images import usable_cores
+from src.data.module import ImageFolderData
+from src.frozen.cache import extract_folder
+from src.model.module import TransferModel
+from src.run.runtime import bf16_supported, keep_freed_memory
 
 SIZE, BATCH, EXTRACT_BATCH, WARMUP = 160, 32, 64, 2
 MARKER = ".bench-folder.json"  # the settings a generated folder was made with
@@ -138,7 +138,7 @@ def mobilenet_v2(classes: int, freeze: bool) -> TransferModel:
 
 def extraction(data: ImageFolderData, classes: int, bf16: bool) -> dict[str, Any]:
     """One frozen-feature pass over every image of the folder, as a frozen run's cache fill:
-    src.features.extract_folder (streamed through DataLoader workers)."""
+    src.frozen.cache.extract_folder (streamed through DataLoader workers)."""
     model, peaks = mobilenet_v2(classes, freeze=True), WorkerPeaks()
     start = time.perf_counter()
     sampler = threading.Thread(target=peaks.watch, daemon=True)
@@ -258,7 +258,7 @@ def main() -> None:
         f"training/, 10% validation/), decoded to {SIZE} px. One process; streamed loaders use "
         f"{usable_cores()} DataLoader workers (the usable cores). Start-up: the data module's "
         "construction (listing, image scan, split). Extraction: this project's frozen-feature "
-        f"pass (src.features.extract_folder: random-weight MobileNetV2, BatchNorm folded, "
+        f"pass (src.frozen.cache.extract_folder: random-weight MobileNetV2, BatchNorm folded, "
         f"bf16={bf16}, batch {EXTRACT_BATCH}), every image once, streamed. Fine-tune: this "
         f"project's model (TransferModel, channels_last, bf16 autocast={bf16}), forward + "
         f"backward + RMSprop, batch {BATCH}, {args.steps} timed steps after {WARMUP} untimed "

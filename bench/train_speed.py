@@ -30,10 +30,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench import kinds
-from src.features import extract
-from src.images import decode_all
-from src.model import TransferModel
-from src.runtime import bf16_supported, cpu_kind, keep_freed_memory, quiet_lightning
+from src.data.images import decode_all
+from src.frozen.cache import extract
+from src.model.module import TransferModel
+from src.run.runtime import bf16_supported, cpu_kind, keep_freed_memory, quiet_lightning
 
 N_TRAIN, N_TEST, SIZE, BATCH, CLASSES = 1344, 150, 160, 32, 6
 TORCHVISION = "src.backbones.torchvision_backbone"
@@ -269,7 +269,7 @@ def main() -> None:
         f"{kinds.RESTRICTION}, as an AVX2-only CPU runs (no bf16). Plain (measured first): "
         "torchvision layers in fp32, NCHW, glibc's default malloc settings; frozen runs the "
         "backbone every epoch. Extract: this project's extraction (the precision column's "
-        "autocast, the memory format src.runtime.memory_format picks, BatchNorm folded). Frozen"
+        "autocast, the memory format src.run.runtime.memory_format picks, BatchNorm folded). Frozen"
         " run: `python -m src.train backbone=<name> backbone.weights=null head_fit=recipe "
         f"trainer.max_epochs={args.epochs}` on a folder of JPEGs of that shape (wall time with "
         "start-up; first batch: seconds from the process's start to the first training batch, "

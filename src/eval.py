@@ -23,12 +23,13 @@ from torchmetrics.functional.classification import (
     multiclass_recall,
 )
 
-from src.data import ImageFolderData, split_settings
-from src.errors import UserError, exit_on_user_error
-from src.figures import confusion_matrix_figure, image_grid_figure
-from src.images import decode_all
-from src.inference import load_checkpoint, logits_of_files, pick_device
-from src.stats import wilson_interval
+from src.data.images import decode_all
+from src.data.module import ImageFolderData
+from src.data.splits import split_settings
+from src.model.inference import load_checkpoint, logits_of_files, pick_device
+from src.report.figures import confusion_matrix_figure, image_grid_figure
+from src.report.stats import wilson_interval
+from src.run.errors import UserError, exit_on_user_error
 
 log = logging.getLogger(__name__)
 

@@ -5,9 +5,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from src.errors import UserError, exit_on_user_error
-from src.images import list_inputs, stream_images
-from src.inference import gradcam, load_checkpoint, logits, pick_device, target_layer
+from src.data.images import stream_images
+from src.data.scan import list_inputs
+from src.model.inference import gradcam, load_checkpoint, logits, pick_device, target_layer
+from src.run.errors import UserError, exit_on_user_error
 
 BATCH = 16  # images per Grad-CAM pass
 
@@ -18,7 +19,7 @@ def explain(cfg: DictConfig) -> list[Path]:
     Inputs (an image, or a folder searched recursively) are decoded in streaming batches; an
     unreadable file is reported and skipped.
     """
-    from src.figures import gradcam_figure
+    from src.report.figures import gradcam_figure
 
     paths = list_inputs(cfg.inputs)
     model = load_checkpoint(cfg.ckpt_path)

@@ -16,9 +16,9 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from src.errors import UserError, exit_on_user_error
-from src.network import TransferNet
+from src.model.network import TransferNet
 from src.predict import load_checkpoint
+from src.run.errors import UserError, exit_on_user_error
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
 

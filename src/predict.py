@@ -9,10 +9,10 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from src.errors import UserError, exit_on_user_error
-from src.images import input_classes, list_inputs
-from src.inference import load_checkpoint, logits_of_files, pick_device
-from src.stats import wilson_interval
+from src.data.scan import input_classes, list_inputs
+from src.model.inference import load_checkpoint, logits_of_files, pick_device
+from src.report.stats import wilson_interval
+from src.run.errors import UserError, exit_on_user_error
 
 
 def top_k(probs: torch.Tensor, classes: list[str], k: int) -> list[list[tuple[str, float]]]:

@@ -15,24 +15,24 @@ from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from src.callbacks import AtomicCheckpointIO, EpochTimer, RunCheckpoint
-from src.checkpoints import read_checkpoint
-from src.checks import check_config, check_resume, run_settings
-from src.data import class_counts, warn_if_imbalanced
-from src.errors import UserError, exit_on_user_error
-from src.features import cached_features
-from src.finetune import Finetune
-from src.model import TransferModel, parameter_summary, trainable_parameters
-from src.probe import fit_probe
-from src.runtime import (
+from src.data.sampling import class_counts, warn_if_imbalanced
+from src.frozen.cache import cached_features
+from src.frozen.probe import fit_probe
+from src.model.finetune import Finetune
+from src.model.module import TransferModel, parameter_summary, trainable_parameters
+from src.report.stats import accuracy_ci
+from src.report.summary import record_failure, write_cv
+from src.run.callbacks import AtomicCheckpointIO, EpochTimer, RunCheckpoint
+from src.run.checkpoints import read_checkpoint
+from src.run.config import check_config, check_resume, run_settings
+from src.run.errors import UserError, exit_on_user_error
+from src.run.runtime import (
     MEMORY_FORMATS,
     drop_failing_nvml_check,
     keep_freed_memory,
     quiet_lightning,
     resolve_precision,
 )
-from src.stats import accuracy_ci
-from src.summary import record_failure, write_cv
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: see `__main__` below
@@ -53,7 +53,7 @@ def use_cached_features(cfg: DictConfig, data: Any) -> bool:
 
 def trains_on_chunks(trainer: L.Trainer, cfg: DictConfig) -> bool:
     """Whether a run on cached features can take each epoch's minibatches in one Lightning step
-    (src.data.FeatureChunks): one process, no Trainer setting that counts or cuts minibatches
+    (FeatureChunks): one process, no Trainer setting that counts or cuts minibatches
     (clipping, accumulation, batch limits, max_steps, mid-epoch validation, the lr finder), no
     gradient scaler (16-mixed on a GPU), and no scheduler that Lightning steps per epoch (a
     plateau), which manual optimization skips."""
@@ -280,7 +280,7 @@ def train(cfg: DictConfig) -> float:
         if chunks:
             model.train_on_chunks(data.train_batches())
     if cfg.lr_find:
-        from src.lr_find import find_lr  # matplotlib's pyplot: only for the finder's plot
+        from src.run.lr_find import find_lr  # matplotlib's pyplot: only for the finder's plot
 
         return find_lr(trainer, model, data, out)
     model.test_phase = "before"
@@ -325,7 +325,7 @@ def train(cfg: DictConfig) -> float:
     if trainer.is_global_zero:  # one result under torchrun or srun, where every rank runs this
         report(cfg, result, fit)
         if isinstance(logger, TensorBoardLogger):  # confusion matrix, Grad-CAM
-            from src.figures import log_final_figures  # matplotlib, Grad-CAM: only when used
+            from src.report.figures import log_final_figures  # matplotlib, Grad-CAM: only when used
 
             log_final_figures(trainer, model, data, "bf16" in precision)
     return float(result[cfg.objective])

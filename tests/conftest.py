@@ -103,7 +103,8 @@ def calibrated_mobilenet_v2(root: Path, path: Path, size: int = 32) -> Path:
     """A random MobileNetV2 state dict calibrated on the training images of `root`, saved."""
     import torchvision
 
-    from src.images import decode, list_images
+    from src.data.images import decode
+    from src.data.scan import list_images
 
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v2(weights=None)

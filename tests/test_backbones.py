@@ -15,13 +15,15 @@ from skimage import data as skdata
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
-from src.backbones import lite0_state_dict, main, timm_backbone, torchvision_backbone
-from src.errors import UserError
+from src.backbones.__main__ import main
+from src.backbones.timm_models import lite0_state_dict, timm_backbone
+from src.backbones.torchvision_models import torchvision_backbone
 from src.export import export_onnx, run_onnx
-from src.features import extract
-from src.inference import chunks, gradcam, target_layer
-from src.model import TransferModel
-from src.network import load_model
+from src.frozen.cache import extract
+from src.model.inference import chunks, gradcam, target_layer
+from src.model.module import TransferModel
+from src.model.network import load_model
+from src.run.errors import UserError
 from src.train import train
 
 ESPRESSO = 967  # ImageNet-1k class index

@@ -1,5 +1,5 @@
 """A head trained on cached features takes each epoch's minibatches in one Lightning step
-(src.data.FeatureChunks, TransferModel.train_on_chunks): the same steps, schedules and metrics
+(FeatureChunks, TransferModel.train_on_chunks): the same steps, schedules and metrics
 as one Lightning step per minibatch."""
 
 import json
@@ -12,8 +12,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import src.train
-from src.data import EpochBatches, EpochShuffle, FeatureChunks, FeaturesDataset, minibatches
-from src.model import TransferModel
+from src.data.sampling import EpochShuffle
+from src.frozen.batches import EpochBatches, FeatureChunks, FeaturesDataset, minibatches
+from src.model.module import TransferModel
 from tests.conftest import compose_cfg, tiny_overrides
 
 

@@ -11,9 +11,9 @@ from conftest import compose_cfg, make_folder, tiny_overrides
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from src.checkpoints import read_checkpoint
-from src.checks import check_config, check_resume, run_settings
-from src.errors import UserError, exit_on_user_error, user_message
+from src.run.checkpoints import read_checkpoint
+from src.run.config import check_config, check_resume, run_settings
+from src.run.errors import UserError, exit_on_user_error, user_message
 from src.train import run, train
 
 

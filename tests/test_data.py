@@ -9,9 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from src.data import ImageFolderData, Split, holdout_split, kfold_split
-from src.errors import UserError
-from src.images import decode
+from src.data.folder import Split
+from src.data.images import decode
+from src.data.module import ImageFolderData
+from src.data.splits import holdout_split, kfold_split
+from src.run.errors import UserError
 from tests.conftest import make_folder
 
 CLASSES = [str(c) for c in range(6)]

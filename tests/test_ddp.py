@@ -12,8 +12,8 @@ from conftest import compose_cfg, make_folder, tiny_overrides
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import src.train
-from src.callbacks import EpochTimer
-from src.inference import load_checkpoint, logits_of_files
+from src.model.inference import load_checkpoint, logits_of_files
+from src.run.callbacks import EpochTimer
 from src.train import train
 
 

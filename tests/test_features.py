@@ -7,11 +7,11 @@ import torch
 from conftest import calibrate_batchnorm
 from torch import nn
 
-import src.features
-from src.data import ImageFolderData
-from src.features import cache_key, cached_features, fold_batchnorm
-from src.finetune import batchnorm_layers
-from src.model import TransferModel
+import src.frozen.cache
+from src.data.module import ImageFolderData
+from src.frozen.cache import cache_key, cached_features, fold_batchnorm
+from src.model.finetune import batchnorm_layers
+from src.model.module import TransferModel
 
 CPU = torch.device("cpu")
 

@@ -9,9 +9,9 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
-from src.errors import UserError
-from src.finetune import Finetune, batchnorm_layers
-from src.model import TransferModel
+from src.model.finetune import Finetune, batchnorm_layers
+from src.model.module import TransferModel
+from src.run.errors import UserError
 from src.train import build_model, train
 from tests.conftest import compose_cfg
 

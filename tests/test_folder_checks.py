@@ -13,9 +13,9 @@ import torch
 from conftest import make_folder
 from PIL import Image
 
-from src.data import ImageFolderData
-from src.errors import UserError
-from src.images import decode
+from src.data.images import decode
+from src.data.module import ImageFolderData
+from src.run.errors import UserError
 
 
 def data(root: Path, val_fraction: float = 0.3, **kwargs) -> ImageFolderData:

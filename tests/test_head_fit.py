@@ -10,12 +10,12 @@ from conftest import compose_cfg, tiny_overrides
 from omegaconf import DictConfig
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import src.features
+import src.frozen.cache
 import src.train
-from src.data import ImageFolderData
-from src.features import cached_features
-from src.model import TransferModel
-from src.probe import fit_probe
+from src.data.module import ImageFolderData
+from src.frozen.cache import cached_features
+from src.frozen.probe import fit_probe
+from src.model.module import TransferModel
 from src.train import fit_head_by_probe, run, train
 
 LITE0 = {"_target_": "src.backbones.timm_backbone", "name": "tf_efficientnet_lite0"}
@@ -114,7 +114,7 @@ def test_lpft_resumes_exactly(tiny_cfg: DictConfig) -> None:
 
 def test_folds_cross_validate_in_one_command_and_extract_once(tiny_cfg, monkeypatch) -> None:
     calls = []
-    real = src.features.extract_folder
+    real = src.frozen.cache.extract_folder
     monkeypatch.setattr(
         src.features, "extract_folder", lambda *a, **k: calls.append(1) or real(*a, **k)
     )

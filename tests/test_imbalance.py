@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from conftest import compose_cfg, make_folder, tiny_overrides
 
-from src.data import EpochBalanced, ImageFolderData
+from src.data.module import ImageFolderData
+from src.data.sampling import EpochBalanced
 from src.train import build_model, train
 
 

@@ -24,16 +24,17 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import src.eval
-from src.data import ImageFolderData
-from src.errors import UserError
+from src.data.images import decode
+from src.data.module import ImageFolderData
+from src.data.scan import list_images
 from src.eval import evaluate
 from src.explain import explain
 from src.export import export
-from src.images import decode, list_images
-from src.inference import chunks, gradcam, target_layer
-from src.model import TransferModel
-from src.network import load_model
+from src.model.inference import chunks, gradcam, target_layer
+from src.model.module import TransferModel
+from src.model.network import load_model
 from src.predict import predict
+from src.run.errors import UserError
 from src.train import train
 
 SIZE, SQUARE = 128, 64  # the square images' side and the planted square's side

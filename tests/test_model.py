@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from src.model import TransferModel, freeze, parameter_summary, trainable_parameters
+from src.model.module import TransferModel, freeze, parameter_summary, trainable_parameters
 
 CLASSES = [f"c{i}" for i in range(6)]
 

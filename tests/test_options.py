@@ -11,9 +11,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from src.callbacks import EpochTimer
-from src.finetune import Finetune
-from src.lr_find import find_lr
+from src.model.finetune import Finetune
+from src.run.callbacks import EpochTimer
+from src.run.lr_find import find_lr
 from src.train import train
 from tests.conftest import compose_cfg
 from tests.test_finetune import build, tiny

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import src.runtime
-from src.runtime import cpu_flags, resolve_precision
+import src.run.runtime
+from src.run.runtime import cpu_flags, resolve_precision
 
 X86 = "fpu sse4_2 avx avx2 fma bmi2"
 AVX512 = f"{X86} avx512f avx512dq avx512cd avx512bw avx512vl avx512_vnni"

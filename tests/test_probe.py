@@ -9,7 +9,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from src.probe import (
+from src.frozen.probe import (
     DEFAULT_L2_GRID,
     fit_logistic,
     fit_probe,

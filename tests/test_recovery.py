@@ -12,9 +12,9 @@ from conftest import CONF_DIR, compose_cfg, tiny_overrides
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-import src.callbacks
-from src.errors import user_message
-from src.model import TransferModel
+import src.run.callbacks
+from src.model.module import TransferModel
+from src.run.errors import user_message
 from src.train import train
 
 TIMINGS = {"first_batch_s", "fit_s", "first_epoch_s", "mean_epoch_s", "wall_s", "max_epochs"}
@@ -100,7 +100,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(
         file.write(b"half a checkpoint")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(src.callbacks.torch, "save", full_disk)
+    monkeypatch.setattr(src.run.callbacks.torch, "save", full_disk)
     with pytest.raises(OSError) as caught:
         train(tiny_cfg)
     assert user_message(caught.value).startswith("disk full: No space left on device.")
@@ -164,13 +164,13 @@ def test_last_checkpoint_is_written_when_due_and_when_training_ends(
 ) -> None:
     """Epoch 0 is the best (an lr too small to change a weight after it) and last.ckpt links
     to it; after that last.ckpt is written when `last_ckpt_every_s` has passed, and at the end."""
-    save, writes = src.callbacks.AtomicCheckpointIO.save_checkpoint, []
+    save, writes = src.run.callbacks.AtomicCheckpointIO.save_checkpoint, []
 
     def recorded(io: object, checkpoint: dict, path: str, storage_options: object = None) -> None:
         writes.append((Path(path).name, checkpoint["epoch"]))
         save(io, checkpoint, path, storage_options)
 
-    monkeypatch.setattr(src.callbacks.AtomicCheckpointIO, "save_checkpoint", recorded)
+    monkeypatch.setattr(src.run.callbacks.AtomicCheckpointIO, "save_checkpoint", recorded)
     _, last = run(
         tiny_cfg, "run", "trainer.max_epochs=4", stop, "optimizer.lr=1e-12",
         f"last_ckpt_every_s={every_s}",

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 import torchvision
 
 from src import runtime
-from src.model import TransferModel
-from src.runtime import (
+from src.model.module import TransferModel
+from src.run.runtime import (
     StridedDepthwise,
     keep_freed_memory,
     memory_format,

@@ -17,12 +17,12 @@ from conftest import compose_cfg, make_folder, tiny_overrides
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from src.callbacks import AtomicCheckpointIO
-from src.checkpoints import read_checkpoint
-from src.checks import run_settings
-from src.errors import UserError
-from src.model import TransferModel
-from src.network import load_model
+from src.model.module import TransferModel
+from src.model.network import load_model
+from src.run.callbacks import AtomicCheckpointIO
+from src.run.checkpoints import read_checkpoint
+from src.run.config import run_settings
+from src.run.errors import UserError
 from src.train import build_model, train
 
 REPO = Path(__file__).resolve().parents[1]

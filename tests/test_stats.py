@@ -11,14 +11,14 @@ from typing import Any
 import pytest
 from scipy import stats as scipy_stats
 
-from src.stats import (
+from src.report.stats import (
     accuracy_ci,
     describe,
     mean_interval,
     paired_difference,
     wilson_interval,
 )
-from src.summary import write_cv, write_summary
+from src.report.summary import write_cv, write_summary
 
 REPO = Path(__file__).resolve().parents[1]
 Z = 1.959964

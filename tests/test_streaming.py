@@ -13,11 +13,14 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-import src.data
-import src.images
-from src.data import ImageFolderData, ImagesDataset, StreamingDataset, checkpoint_split
-from src.errors import UserError
-from src.images import decode, input_classes, list_inputs, scan_cache_file, stream_images
+import src.data.sampling
+import src.data.scan
+from src.data.datasets import ImagesDataset, StreamingDataset
+from src.data.images import decode, stream_images
+from src.data.module import ImageFolderData
+from src.data.scan import input_classes, list_inputs, scan_cache_file
+from src.data.splits import checkpoint_split
+from src.run.errors import UserError
 from src.train import train
 from tests.conftest import compose_cfg, make_folder, tiny_overrides
 
@@ -54,7 +57,7 @@ def test_streamed_batches_are_the_in_memory_ones(tmp_path: Path, workers: int) -
     assert isinstance(streamed.datasets["train"], StreamingDataset)
     loader = streamed.train_dataloader()  # one loader: its workers persist across the epochs
     assert loader.persistent_workers == (workers > 0)
-    context = loader.multiprocessing_context  # forked workers, as src.images.worker_start says
+    context = loader.multiprocessing_context  # forked workers, as src.data.images.worker_start says
     assert context.get_start_method() == "fork" if workers else context is None
     in_memory = [epoch_batches(memory.train_dataloader(), epoch) for epoch in (0, 1)]
     for epoch in (0, 1):
@@ -63,9 +66,9 @@ def test_streamed_batches_are_the_in_memory_ones(tmp_path: Path, workers: int) -
     assert_same(list(streamed.test_dataloader()), list(memory.test_dataloader()))
     # the augmentation does something, and another thing in another epoch
     dataset = memory.datasets["train"]
-    first = dataset[src.data.EpochIndex(0, 0)][0]
+    first = dataset[src.data.sampling.EpochIndex(0, 0)][0]
     assert not torch.equal(first, dataset.images[0])
-    assert not torch.equal(first, dataset[src.data.EpochIndex(1, 0)][0])
+    assert not torch.equal(first, dataset[src.data.sampling.EpochIndex(1, 0)][0])
 
 
 def test_workers_fork_where_the_process_default_is_spawn(tmp_path: Path) -> None:
@@ -93,7 +96,7 @@ def test_a_resumed_epoch_augments_as_an_uninterrupted_one(tmp_path: Path) -> Non
     second = epoch_batches(loader, 1)
     order = [key.index for key in loader.sampler]  # epoch 1's: each image augmented for epoch 1
     dataset = straight.datasets["train"]
-    expected = torch.stack([dataset[src.data.EpochIndex(1, i)][0] for i in order[:4]])
+    expected = torch.stack([dataset[src.data.sampling.EpochIndex(1, i)][0] for i in order[:4]])
     assert torch.equal(second[0][0], expected)
     torch.manual_seed(123)  # a resumed process: another global generator state
     resumed = folder_data(root, in_memory=False, num_workers=0)
@@ -174,7 +177,7 @@ def test_several_processes_stream_instead_of_decoding_everything_each(tmp_path: 
 def count_checks(monkeypatch) -> list[Path]:
     """Record each image that the scan checks."""
     checked: list[Path] = []
-    check = src.images.check_image
+    check = src.data.scan.check_image
 
     def counting(path: Path) -> tuple[int, int]:
         checked.append(path)

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-from src.summary import COLUMNS, error_line, write_summary
+from src.report.summary import COLUMNS, error_line, write_summary
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,11 +17,11 @@ from filelock import FileLock
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from src.data import ImageFolderData
-from src.errors import UserError
-from src.images import decode_all, progress, stream_images
-from src.inference import chunks, outputs
-from src.network import TransferNet
+from src.data.images import decode_all, progress, stream_images
+from src.data.module import ImageFolderData
+from src.model.inference import chunks, outputs
+from src.model.network import TransferNet
+from src.run.errors import UserError
 
 log = logging.getLogger(__name__)
 FOLD_TOLERANCE = 1e-3  # largest relative change of folded features accepted (float32 rounding)

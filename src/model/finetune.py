@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from src.errors import UserError
+from src.run.errors import UserError
 
 NAMES = ("none", "full", "staged", "lpft")
 BN_CHOICES = ("frozen", "train")

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from src.errors import UserError
-from src.network import TransferNet, load_model
+from src.model.network import TransferNet, load_model
+from src.run.errors import UserError
 
 CKPT_FIX = (
     "Fix: ckpt_path=outputs/<date>/<time>/checkpoints/best.ckpt (a training run's checkpoint)"
@@ -89,7 +89,7 @@ def logits_of_files(
 ) -> tuple[torch.Tensor, dict[int, str]]:
     """Class logits of image files, decoded in streaming batches, and {index: why} for the files
     that could not be read (their rows are NaN): a bad file is a row, not the end of the run."""
-    from src.images import stream_images
+    from src.data.images import stream_images
 
     model.eval().to(device)
     scores = torch.full((len(paths), len(model.classes)), float("nan"))

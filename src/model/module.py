@@ -11,10 +11,10 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from src.checkpoints import RECORD, VERSION
-from src.data import minibatches
-from src.finetune import Finetune, batchnorm_layers
-from src.network import TransferNet
+from src.frozen.batches import minibatches
+from src.model.finetune import Finetune, batchnorm_layers
+from src.model.network import TransferNet
+from src.run.checkpoints import RECORD, VERSION
 
 TEST_PREFIXES = {"test": "test/", "before": "before/test_"}  # phase -> metric name prefix
 
@@ -44,7 +44,7 @@ class TransferModel(TransferNet, L.LightningModule):
     """TransferNet trained by Lightning; its hparams (classes, image_size, backbone and the
     training settings) make a checkpoint self-contained.
 
-    `finetune` (src.finetune.Finetune's fields) chooses when the backbone learns and at which lr;
+    `finetune` (Finetune's fields) chooses when the backbone learns and at which lr;
     `scheduler` is the `scheduler` config group instantiated: `build` (a partial taking the
     optimizer, and `total_steps` when `interval` is `step`), `interval` and `monitor`.
     `label_smoothing` and `class_weights` (one per class, e.g. inverse class frequency) apply to

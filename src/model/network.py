@@ -9,9 +9,9 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from src.backbones import Backbone
-from src.checkpoints import RECORD, read_checkpoint, upgrade
-from src.runtime import memory_format, normalisation, train_strided_depthwise_in_fp32
+from src.backbones.describe import Backbone
+from src.run.checkpoints import RECORD, read_checkpoint, upgrade
+from src.run.runtime import memory_format, normalisation, train_strided_depthwise_in_fp32
 
 
 class TransferNet(nn.Module):
@@ -40,7 +40,7 @@ class TransferNet(nn.Module):
 
     def input_format(self, device_type: str, learning: bool = False) -> torch.memory_format:
         """`memory_format`, or else the one measured faster for this backbone on this kind of
-        device, learning (forward and backward) or not (src.runtime.memory_format)."""
+        device, learning (forward and backward) or not (src.run.runtime.memory_format)."""
         return self.memory_format or memory_format(self.norm, learning, device_type)
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:

@@ -10,10 +10,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.figure import Figure
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
-from src.data import ImageFolderData, minibatches
-from src.images import decode_all
-from src.inference import chunks, gradcam, logits, target_layer
-from src.model import TransferModel
+from src.data.images import decode_all
+from src.data.module import ImageFolderData
+from src.frozen.batches import minibatches
+from src.model.inference import chunks, gradcam, logits, target_layer
+from src.model.module import TransferModel
 
 GRADCAM_IMAGES = 6  # the training run's heatmaps: the first test image of each class, at most
 

@@ -23,8 +23,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from src.errors import UserError
-from src.stats import describe, mean_interval, paired_difference
+from src.report.stats import describe, mean_interval, paired_difference
+from src.run.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from src.checkpoints import read_weights_only, upgrade
+from src.run.checkpoints import read_weights_only, upgrade
 
 log = logging.getLogger(__name__)
 BEST_STATE = (

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from src.errors import UserError
+from src.run.errors import UserError
 
 CKPT_FIX = "Fix: give a .ckpt file written by src.train"
 RECORD = "lightning_transfer"  # the checkpoint's own entry: format version, settings, split

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from src.checkpoints import CKPT_FIX, RECORD, read_checkpoint, upgrade
-from src.errors import UserError
-from src.runtime import MEMORY_FORMATS
+from src.run.checkpoints import CKPT_FIX, RECORD, read_checkpoint, upgrade
+from src.run.errors import UserError
+from src.run.runtime import MEMORY_FORMATS
 
 log = logging.getLogger(__name__)
 MAX_SEED = 2**32 - 1  # what seed_everything accepts and numpy's SeedSequence needs (>= 0)
