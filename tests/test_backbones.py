@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 import torchvision
-from conftest import calibrate_batchnorm, compose_cfg, make_folder, tiny_overrides
+from tests.conftest import calibrate_batchnorm, compose_cfg, make_folder, tiny_overrides
 from skimage import data as skdata
 from torch import nn
 from torchvision.transforms.v2 import functional as TF

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_cfg, make_folder, tiny_overrides
+from tests.conftest import compose_cfg, make_folder, tiny_overrides
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf, open_dict
 

@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 import torchvision
-from conftest import compose_cfg, make_folder, tiny_overrides
+from tests.conftest import compose_cfg, make_folder, tiny_overrides
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import src.train

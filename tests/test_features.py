@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from conftest import calibrate_batchnorm
+from tests.conftest import calibrate_batchnorm
 from torch import nn
 
 import src.frozen.cache

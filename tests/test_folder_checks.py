@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_folder
+from tests.conftest import make_folder
 from PIL import Image
 
 from src.data.images import decode

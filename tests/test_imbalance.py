@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from conftest import compose_cfg, make_folder, tiny_overrides
+from tests.conftest import compose_cfg, make_folder, tiny_overrides
 
 from src.data.module import ImageFolderData
 from src.data.sampling import EpochBalanced

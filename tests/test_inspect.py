@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
-from conftest import (
+from tests.conftest import (
     CONF_DIR,
     calibrate_batchnorm,
     calibrated_mobilenet_v2,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF_DIR, compose_cfg, tiny_overrides
+from tests.conftest import CONF_DIR, compose_cfg, tiny_overrides
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from src import runtime
+from src.run import runtime
 from src.model.module import TransferModel
 from src.run.runtime import (
     StridedDepthwise,

@@ -13,7 +13,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import compose_cfg, make_folder, tiny_overrides
+from tests.conftest import compose_cfg, make_folder, tiny_overrides
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
