@@ -16,8 +16,8 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from src.model.inference import load_checkpoint
 from src.model.network import TransferNet
-from src.predict import load_checkpoint
 from src.run.errors import UserError, exit_on_user_error
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}

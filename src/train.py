@@ -21,11 +21,11 @@ from src.frozen.probe import fit_probe
 from src.model.finetune import Finetune
 from src.model.module import TransferModel, parameter_summary, trainable_parameters
 from src.report.stats import accuracy_ci
-from src.report.summary import record_failure, write_cv
+from src.report.summary import write_cv
 from src.run.callbacks import AtomicCheckpointIO, EpochTimer, RunCheckpoint
-from src.run.checkpoints import read_checkpoint
-from src.run.config import check_config, check_resume, run_settings
-from src.run.errors import UserError, exit_on_user_error
+from src.run.checkpoints import check_resume, read_checkpoint, run_settings
+from src.run.config import check_config
+from src.run.errors import UserError, exit_on_user_error, record_failure
 from src.run.runtime import (
     MEMORY_FORMATS,
     drop_failing_nvml_check,

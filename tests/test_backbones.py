@@ -10,7 +10,6 @@ import pytest
 import timm
 import torch
 import torchvision
-from tests.conftest import calibrate_batchnorm, compose_cfg, make_folder, tiny_overrides
 from skimage import data as skdata
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
@@ -25,6 +24,7 @@ from src.model.module import TransferModel
 from src.model.network import load_model
 from src.run.errors import UserError
 from src.train import train
+from tests.conftest import calibrate_batchnorm, compose_cfg, make_folder, tiny_overrides
 
 ESPRESSO = 967  # ImageNet-1k class index
 

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import compose_cfg, make_folder, tiny_overrides
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from src.run.checkpoints import read_checkpoint
-from src.run.config import check_config, check_resume, run_settings
+from src.run.checkpoints import check_resume, read_checkpoint, run_settings
+from src.run.config import check_config
 from src.run.errors import UserError, exit_on_user_error, user_message
 from src.train import run, train
+from tests.conftest import compose_cfg, make_folder, tiny_overrides
 
 
 @pytest.mark.parametrize(

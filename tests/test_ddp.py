@@ -8,13 +8,13 @@ import lightning as L
 import pytest
 import torch
 import torchvision
-from tests.conftest import compose_cfg, make_folder, tiny_overrides
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import src.train
 from src.model.inference import load_checkpoint, logits_of_files
 from src.run.callbacks import EpochTimer
 from src.train import train
+from tests.conftest import compose_cfg, make_folder, tiny_overrides
 
 
 class RankWeights(EpochTimer):

@@ -4,7 +4,6 @@ import os
 
 import pytest
 import torch
-from tests.conftest import calibrate_batchnorm
 from torch import nn
 
 import src.frozen.cache
@@ -12,6 +11,7 @@ from src.data.module import ImageFolderData
 from src.frozen.cache import cache_key, cached_features, fold_batchnorm
 from src.model.finetune import batchnorm_layers
 from src.model.module import TransferModel
+from tests.conftest import calibrate_batchnorm
 
 CPU = torch.device("cpu")
 
@@ -40,7 +40,7 @@ def test_key_depends_on_backbone_size_precision_device_format_versions_and_files
     assert cache_key(BACKBONE, bigger, "fp32", CPU) != key
     for library in ("torchvision", "timm", "pillow"):
         with monkeypatch.context() as patch:
-            patch.setattr(src.features, "versions", lambda lib=library: {lib: "0.0"})
+            patch.setattr(src.frozen.cache, "versions", lambda lib=library: {lib: "0.0"})
             assert cache_key(BACKBONE, data, "fp32", CPU) != key
     touched = data.train_split.paths[0]
     os.utime(touched, ns=(1, 1))
@@ -59,7 +59,7 @@ def test_valid_cache_skips_the_backbone(data, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the backbone ran although the cache was valid")
 
-    monkeypatch.setattr(src.features, "extract", fail)
+    monkeypatch.setattr(src.frozen.cache, "extract", fail)
     again = cached_features(model, data, BACKBONE, tmp_path, CPU, bf16=False)
     for name in first:
         assert torch.equal(first[name], again[name])

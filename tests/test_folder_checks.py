@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests.conftest import make_folder
 from PIL import Image
 
 from src.data.images import decode
 from src.data.module import ImageFolderData
 from src.run.errors import UserError
+from tests.conftest import make_folder
 
 
 def data(root: Path, val_fraction: float = 0.3, **kwargs) -> ImageFolderData:

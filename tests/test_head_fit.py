@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import compose_cfg, tiny_overrides
 from omegaconf import DictConfig
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -17,6 +16,7 @@ from src.frozen.cache import cached_features
 from src.frozen.probe import fit_probe
 from src.model.module import TransferModel
 from src.train import fit_head_by_probe, run, train
+from tests.conftest import compose_cfg, tiny_overrides
 
 LITE0 = {"_target_": "src.backbones.timm_backbone", "name": "tf_efficientnet_lite0"}
 BACKBONE = LITE0 | {"weights": "imagenet"}  # shipped ImageNet weights: features with class signal
@@ -116,7 +116,7 @@ def test_folds_cross_validate_in_one_command_and_extract_once(tiny_cfg, monkeypa
     calls = []
     real = src.frozen.cache.extract_folder
     monkeypatch.setattr(
-        src.features, "extract_folder", lambda *a, **k: calls.append(1) or real(*a, **k)
+        src.frozen.cache, "extract_folder", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
     out = Path(tiny_cfg.output_dir)
     objective = run(compose_cfg(overrides(tiny_cfg, "folds=3"), out))

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tests.conftest import compose_cfg, make_folder, tiny_overrides
 
 from src.data.module import ImageFolderData
 from src.data.sampling import EpochBalanced
 from src.train import build_model, train
+from tests.conftest import compose_cfg, make_folder, tiny_overrides
 
 
 def unbalanced(root: Path) -> Path:

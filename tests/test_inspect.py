@@ -10,14 +10,6 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
-from tests.conftest import (
-    CONF_DIR,
-    calibrate_batchnorm,
-    calibrated_mobilenet_v2,
-    compose_cfg,
-    make_folder,
-    tiny_overrides,
-)
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 from PIL import Image
@@ -36,6 +28,14 @@ from src.model.network import load_model
 from src.predict import predict
 from src.run.errors import UserError
 from src.train import train
+from tests.conftest import (
+    CONF_DIR,
+    calibrate_batchnorm,
+    calibrated_mobilenet_v2,
+    compose_cfg,
+    make_folder,
+    tiny_overrides,
+)
 
 SIZE, SQUARE = 128, 64  # the square images' side and the planted square's side
 

@@ -40,7 +40,7 @@ def test_cpu_bf16_only_with_bf16_instructions(
 ) -> None:
     flags, expected = CPUS[cpu]
     (tmp_path / "cpuinfo").write_text(cpuinfo(flags))
-    monkeypatch.setattr(src.runtime, "CPUINFO", tmp_path / "cpuinfo")
+    monkeypatch.setattr(src.run.runtime, "CPUINFO", tmp_path / "cpuinfo")
     assert cpu_flags() == set(flags.split())
     assert resolve_precision("auto", "cpu") == expected
 
@@ -57,7 +57,7 @@ def test_cpu_without_x86_flags_is_not_native(
 ) -> None:
     if text is not None:
         (tmp_path / "cpuinfo").write_text(text)
-    monkeypatch.setattr(src.runtime, "CPUINFO", tmp_path / "cpuinfo")
+    monkeypatch.setattr(src.run.runtime, "CPUINFO", tmp_path / "cpuinfo")
     assert cpu_flags() == set()
     assert resolve_precision("auto", "cpu") == "32-true"
 
@@ -78,7 +78,7 @@ def test_explicit_precision_passes_through(
     def no_detection(*args: object) -> None:
         raise AssertionError("an explicit precision needs no hardware detection")
 
-    monkeypatch.setattr(src.runtime, "bf16_supported", no_detection)
+    monkeypatch.setattr(src.run.runtime, "bf16_supported", no_detection)
     assert resolve_precision(precision, accelerator) == precision
 
 
@@ -98,7 +98,7 @@ def test_kernels_restricted_below_bf16_run_float32(
 ) -> None:
     """A Zen 4 told to use AVX2 kernels imitates an AVX2 CPU, which has no native bf16."""
     (tmp_path / "cpuinfo").write_text(cpuinfo(CPUS["zen4"][0]))
-    monkeypatch.setattr(src.runtime, "CPUINFO", tmp_path / "cpuinfo")
+    monkeypatch.setattr(src.run.runtime, "CPUINFO", tmp_path / "cpuinfo")
     for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):
         monkeypatch.delenv(name, raising=False)
     for name, value in variables.items():

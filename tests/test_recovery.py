@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import CONF_DIR, compose_cfg, tiny_overrides
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
@@ -16,6 +15,7 @@ import src.run.callbacks
 from src.model.module import TransferModel
 from src.run.errors import user_message
 from src.train import train
+from tests.conftest import CONF_DIR, compose_cfg, tiny_overrides
 
 TIMINGS = {"first_batch_s", "fit_s", "first_epoch_s", "mean_epoch_s", "wall_s", "max_epochs"}
 

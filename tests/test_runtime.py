@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from src.run import runtime
 from src.model.module import TransferModel
+from src.run import runtime
 from src.run.runtime import (
     StridedDepthwise,
     keep_freed_memory,

@@ -13,17 +13,16 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from tests.conftest import compose_cfg, make_folder, tiny_overrides
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from src.model.module import TransferModel
 from src.model.network import load_model
 from src.run.callbacks import AtomicCheckpointIO
-from src.run.checkpoints import read_checkpoint
-from src.run.config import run_settings
+from src.run.checkpoints import read_checkpoint, run_settings
 from src.run.errors import UserError
 from src.train import build_model, train
+from tests.conftest import compose_cfg, make_folder, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 REFUSED = "holds objects this trainer's checkpoints never contain ({}); it was refused and nothing"

@@ -183,7 +183,7 @@ def count_checks(monkeypatch) -> list[Path]:
         checked.append(path)
         return check(path)
 
-    monkeypatch.setattr(src.images, "check_image", counting)
+    monkeypatch.setattr(src.data.scan, "check_image", counting)
     return checked
 
 

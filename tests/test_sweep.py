@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.conftest import CONF_DIR, make_folder
 from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -17,7 +16,9 @@ from omegaconf import DictConfig
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-from src.report.summary import COLUMNS, error_line, write_summary
+from src.report.summary import COLUMNS, write_summary
+from src.run.errors import error_line
+from tests.conftest import CONF_DIR, make_folder
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -20,16 +20,10 @@ from src.data.memory import memory_limit
 from src.data.sampling import SAMPLERS, EpochBalanced, EpochShuffle, world_size
 from src.data.splits import holdout_split, kfold_split, split_hash, split_settings
 from src.frozen.batches import EpochBatches, FeaturesDataset
+from src.run.config import check_value, shown, whole
 from src.run.errors import UserError
 
 log = logging.getLogger(__name__)
-
-
-def shown(value: Any) -> str:
-    """A value as it would be written on the command line."""
-    return (
-        "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-    )
 
 
 def check_settings(
@@ -41,39 +35,23 @@ def check_settings(
     in_memory: bool | str,
     memory_limit_gb: float | None,
 ) -> None:
-    """A one-line UserError for a data setting of the wrong type or range (the same wording as
-    src.checks, for a data module built without the command line)."""
-
-    def number(v: Any) -> bool:
-        return isinstance(v, int | float) and not isinstance(v, bool)
-
-    def whole(v: Any, low: int) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v >= low
-
-    folds_ok = folds is None or whole(folds, 2)
-    last_fold = folds - 1 if folds_ok and folds is not None else 0
-    rules: list[tuple[str, Any, bool, str, str]] = [
-        ("val_fraction", val_fraction, number(val_fraction) and 0 < val_fraction < 1,
-         "a number between 0 and 1", "0.1"),
-        ("test_fraction", test_fraction, number(test_fraction) and 0 <= test_fraction < 1,
-         "a number from 0 (the test set is then the val split) to below 1", "0.1"),
-        ("folds", folds, folds_ok, "null or a whole number, at least 2", "5"),
-        ("fold", fold, whole(fold, 0) and fold <= last_fold,
-         f"a whole number from 0 to {last_fold} (data.folds={shown(folds)})", "0"),
-        ("num_workers", num_workers, num_workers == "auto" or whole(num_workers, 0),
-         "auto or a whole number, at least 0", "auto"),
-        ("in_memory", in_memory, in_memory in ("auto", True, False),
-         "auto, true or false", "auto"),
-        ("memory_limit_gb", memory_limit_gb,
-         memory_limit_gb is None or (number(memory_limit_gb) and memory_limit_gb > 0),
-         "null or a number above 0", "8"),
-    ]  # fmt: skip
-    for key, value, valid, what, example in rules:
-        if not valid:
-            raise UserError(
-                f"data.{key}={shown(value)} is invalid: it must be {what}. "
-                f"Fix: e.g. data.{key}={example}"
-            )
+    """A one-line UserError for a data setting of the wrong type or range, by the rules of
+    src.run.config (for a data module built without the command line)."""
+    for key, value in {
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+        "folds": folds,
+        "num_workers": num_workers,
+        "in_memory": in_memory,
+        "memory_limit_gb": memory_limit_gb,
+    }.items():
+        check_value(f"data.{key}", value)
+    last_fold = folds - 1 if folds is not None else 0
+    if not whole(0, last_fold)(fold):
+        raise UserError(
+            f"data.fold={shown(fold)} is invalid: it must be a whole number from 0 to "
+            f"{last_fold} (data.folds={shown(folds)}). Fix: e.g. data.fold=0"
+        )
     if folds is None and val_fraction + test_fraction >= 1:
         raise UserError(
             f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} leave no "

@@ -10,27 +10,24 @@ import torch
 from torch import nn
 
 from src.model.network import TransferNet, load_model
+from src.run.checkpoints import CKPT_PATH_FIX
 from src.run.errors import UserError
-
-CKPT_FIX = (
-    "Fix: ckpt_path=outputs/<date>/<time>/checkpoints/best.ckpt (a training run's checkpoint)"
-)
 
 
 def load_checkpoint(ckpt_path: str | None) -> TransferNet:
     """The trained model in `ckpt_path`, or a UserError naming what is wrong with the path."""
     if not ckpt_path:
-        raise UserError(f"no checkpoint given. {CKPT_FIX}")
+        raise UserError(f"no checkpoint given. {CKPT_PATH_FIX}")
     path = Path(ckpt_path)
     if not path.is_file():
-        raise UserError(f"checkpoint {path} not found. {CKPT_FIX}")
+        raise UserError(f"checkpoint {path} not found. {CKPT_PATH_FIX}")
     try:
         return load_model(path)
     except (pickle.UnpicklingError, RuntimeError, OSError, KeyError, TypeError) as err:
         first = (str(err).strip().splitlines() or [""])[0]
         raise UserError(
             f"cannot load checkpoint {path} ({type(err).__name__}: {first}): not a checkpoint of "
-            f"src.train. {CKPT_FIX}"
+            f"src.train. {CKPT_PATH_FIX}"
         ) from err
 
 

@@ -8,23 +8,17 @@ with the best setting), both printed. `write_cv` writes a k-fold run's `cv.md` a
 """
 
 import csv
-import functools
 import json
 import logging
 import math
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from src.report.stats import describe, mean_interval, paired_difference
-from src.run.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -50,62 +44,6 @@ COLUMNS = [
     "error",
 ]
 OPTIONAL_COLUMNS = ["test/balanced_acc", "test/macro_f1"]  # after test/acc_ci95, when present
-
-
-def user_error(err: BaseException) -> UserError | None:
-    """The UserError behind `err`, if any (Hydra's `instantiate` wraps what it raises)."""
-    while err is not None and not isinstance(err, UserError):
-        err = err.__cause__
-    return err
-
-
-def error_line(err: BaseException) -> str:
-    """One line for an error: a UserError's message, else `Type: first line of the message`."""
-    err = user_error(err) or err
-    lines = str(err).strip().splitlines()
-    first = lines[0] if lines else ""
-    if isinstance(err, UserError):
-        return first
-    return f"{type(err).__name__}: {first}" if first else type(err).__name__
-
-
-def record_failure(
-    main: Callable[[DictConfig], float],
-) -> Callable[[DictConfig], float | None]:
-    """In a multirun, turn a job's exception into a `failed` result.json and no objective.
-
-    Hydra's sweepers re-raise a failed job's exception once its batch ends, which skips the
-    callbacks that summarise the sweep, and an `exit_on_user_error` exit would end the sweep
-    at once. So here the error is logged (with its traceback unless it is a UserError) and
-    recorded in the job's dir, the job returns None (Optuna marks that trial failed; a NaN
-    would crash its sweeper), the other jobs run and the summary lists the failure. A single
-    run raises as usual.
-    """
-
-    @functools.wraps(main)
-    def wrapper(cfg: DictConfig) -> float | None:
-        if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
-            return main(cfg)
-        start = time.perf_counter()
-        try:
-            return main(cfg)
-        except Exception as err:
-            log.error("job failed: %s", error_line(err), exc_info=user_error(err) is None)
-            target = str(OmegaConf.select(cfg, "optimizer._target_", default="") or "")
-            result = {
-                "backbone": OmegaConf.select(cfg, "backbone.name", default=None),
-                "freeze": OmegaConf.select(cfg, "freeze", default=None),
-                "optimizer": target.rsplit(".", 1)[-1] or None,
-                "lr": OmegaConf.select(cfg, "optimizer.lr", default=None),
-                "wall_s": time.perf_counter() - start,
-                "status": "failed",
-                "error": error_line(err),
-            }
-            out = Path(HydraConfig.get().runtime.output_dir)
-            (out / "result.json").write_text(json.dumps(result, indent=2, default=str))
-            return None
-
-    return wrapper
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
@@ -141,7 +79,7 @@ def direction(objective: str) -> int:
     return 1 if "loss" in objective else -1
 
 
-def number(value: Any) -> float:
+def metric_value(value: Any) -> float:
     """A metric's value as a float; nan where it is missing or not a number."""
     return float(value) if isinstance(value, int | float) else math.nan
 
@@ -184,7 +122,7 @@ def interval_text(value: Any) -> Any:
     return value
 
 
-def shown(row: dict[str, Any], names: list[str]) -> dict[str, Any]:
+def table_values(row: dict[str, Any], names: list[str]) -> dict[str, Any]:
     """A row's values under `names` as the tables hold them: `*_ci95` intervals as text."""
     return {n: interval_text(row.get(n)) if n.endswith("_ci95") else row.get(n) for n in names}
 
@@ -216,7 +154,8 @@ def columns(objective: str, rows: list[dict[str, Any]]) -> list[str]:
 def table(head: str, names: list[str], rows: list[dict[str, Any]]) -> str:
     """A markdown table of `rows` under `names`, below the line `head`."""
     lines = [head, "", "| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
-    lines += ["| " + " | ".join(map(cell, shown(row, names).values())) + " |" for row in rows]
+    for row in rows:
+        lines.append("| " + " | ".join(map(cell, table_values(row, names).values())) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -225,7 +164,7 @@ def write_csv(path: Path, names: list[str], rows: list[dict[str, Any]]) -> None:
     with path.open("w", newline="") as file:
         writer = csv.DictWriter(file, names)
         writer.writeheader()
-        writer.writerows(shown(row, names) for row in rows)
+        writer.writerows(table_values(row, names) for row in rows)
 
 
 def markdown(rows: list[dict[str, Any]], common: list[str], objective: str) -> str:
@@ -253,7 +192,7 @@ def by_seed(jobs: list[dict[str, Any]], objective: str) -> dict[Any, float]:
     values: dict[Any, list[float]] = {}
     for job in jobs:
         if job.get("seed") is not None:
-            values.setdefault(job["seed"], []).append(number(job.get(objective)))
+            values.setdefault(job["seed"], []).append(metric_value(job.get(objective)))
     return {seed: sum(v) / len(v) for seed, v in values.items()}
 
 
@@ -279,7 +218,7 @@ def group_rows(rows: list[dict[str, Any]], objective: str) -> list[dict[str, Any
             "failed": len(jobs) - len(done),
         }
         for metric in group_metrics(objective):
-            stats = describe(number(job.get(metric)) for job in done)
+            stats = describe(metric_value(job.get(metric)) for job in done)
             group |= {f"{metric}_{s}": stats[s] for s in ("mean", "std", "min", "max")}
         groups.append(group)
         seeds[setting], first_job[setting] = by_seed(done, objective), jobs[0]["job"]
@@ -346,7 +285,7 @@ def write_cv(run_dir: Path, rows: list[dict[str, Any]], metrics: list[str]) -> s
     """
     if not rows:
         raise ValueError("write_cv needs at least one fold's result")
-    values = {m: [number(row.get(m)) for row in rows] for m in metrics}
+    values = {m: [metric_value(row.get(m)) for row in rows] for m in metrics}
     stats = {m: describe(v) for m, v in values.items()}
     folds = [{"fold": k} | {m: row.get(m) for m in metrics} for k, row in enumerate(rows)]
     folds += [{"fold": s} | {m: stats[m][s] for m in metrics} for s in ("mean", "std")]

@@ -2,12 +2,21 @@
 
 import errno
 import functools
+import json
+import logging
 import os
 import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException, MissingConfigException
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
 
 FULL_ERROR = "HYDRA_FULL_ERROR"
 DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT}
@@ -95,5 +104,54 @@ def exit_on_user_error(main: Callable[..., Any]) -> Callable[..., Any]:
                 os.environ.pop(FULL_ERROR, None)
             else:
                 os.environ[FULL_ERROR] = users
+
+    return wrapper
+
+
+def error_line(err: BaseException) -> str:
+    """One line for an error: a UserError's message, else `Type: first line of the message`."""
+    err = find_user_error(err) or err
+    lines = str(err).strip().splitlines()
+    first = lines[0] if lines else ""
+    if isinstance(err, UserError):
+        return first
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+def record_failure(
+    main: Callable[[DictConfig], float],
+) -> Callable[[DictConfig], float | None]:
+    """In a multirun, turn a job's exception into a `failed` result.json and no objective.
+
+    Hydra's sweepers re-raise a failed job's exception once its batch ends, which skips the
+    callbacks that summarise the sweep, and an `exit_on_user_error` exit would end the sweep
+    at once. So here the error is logged (with its traceback unless it is a UserError) and
+    recorded in the job's dir, the job returns None (Optuna marks that trial failed; a NaN
+    would crash its sweeper), the other jobs run and the summary lists the failure. A single
+    run raises as usual.
+    """
+
+    @functools.wraps(main)
+    def wrapper(cfg: DictConfig) -> float | None:
+        if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+            return main(cfg)
+        start = time.perf_counter()
+        try:
+            return main(cfg)
+        except Exception as err:
+            log.error("job failed: %s", error_line(err), exc_info=find_user_error(err) is None)
+            target = str(OmegaConf.select(cfg, "optimizer._target_", default="") or "")
+            result = {
+                "backbone": OmegaConf.select(cfg, "backbone.name", default=None),
+                "freeze": OmegaConf.select(cfg, "freeze", default=None),
+                "optimizer": target.rsplit(".", 1)[-1] or None,
+                "lr": OmegaConf.select(cfg, "optimizer.lr", default=None),
+                "wall_s": time.perf_counter() - start,
+                "status": "failed",
+                "error": error_line(err),
+            }
+            out = Path(HydraConfig.get().runtime.output_dir)
+            (out / "result.json").write_text(json.dumps(result, indent=2, default=str))
+            return None
 
     return wrapper
