@@ -16,16 +16,14 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.data.sampling import class_counts, warn_if_imbalanced
-from src.frozen.cache import cached_features
-from src.frozen.probe import fit_probe
-from src.model.finetune import Finetune
+from src.frozen.head import HeadPlan, frozen_throughout
 from src.model.module import TransferModel, parameter_summary, trainable_parameters
 from src.report.stats import accuracy_ci
 from src.report.summary import write_cv
 from src.run.callbacks import AtomicCheckpointIO, EpochTimer, RunCheckpoint
 from src.run.checkpoints import check_resume, read_checkpoint, run_settings
 from src.run.config import check_config
-from src.run.errors import UserError, exit_on_user_error, record_failure
+from src.run.errors import exit_on_user_error, record_failure
 from src.run.runtime import (
     MEMORY_FORMATS,
     drop_failing_nvml_check,
@@ -36,45 +34,6 @@ from src.run.runtime import (
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: see `__main__` below
-
-
-def use_cached_features(cfg: DictConfig, data: Any) -> bool:
-    """Whether to train the head on precomputed features (frozen backbone, no augmentation)."""
-    possible = frozen_throughout(cfg) and data.train_transform is None
-    if cfg.cache_features == "auto":
-        return possible
-    if cfg.cache_features and not possible:
-        raise UserError(
-            "cache_features=true needs a backbone frozen for the whole run and no augmentation. "
-            "Fix: cache_features=auto, or freeze=true finetune=none augment=none"
-        )
-    return bool(cfg.cache_features)
-
-
-def trains_on_chunks(trainer: L.Trainer, cfg: DictConfig) -> bool:
-    """Whether a run on cached features can take each epoch's minibatches in one Lightning step
-    (FeatureChunks): one process, no Trainer setting that counts or cuts minibatches
-    (clipping, accumulation, batch limits, max_steps, mid-epoch validation, the lr finder), no
-    gradient scaler (16-mixed on a GPU), and no scheduler that Lightning steps per epoch (a
-    plateau), which manual optimization skips."""
-    limits = (trainer.limit_train_batches, trainer.limit_val_batches, trainer.limit_test_batches)
-    return (
-        trainer.world_size == 1
-        and not trainer.gradient_clip_val
-        and trainer.accumulate_grad_batches == 1
-        and trainer.max_steps == -1
-        and not trainer.overfit_batches
-        and all(isinstance(limit, float) and limit == 1.0 for limit in limits)
-        and trainer.val_check_interval == 1.0
-        and not cfg.lr_find
-        and getattr(trainer.precision_plugin, "scaler", None) is None
-        and cfg.scheduler.get("interval") != "epoch"
-    )
-
-
-def frozen_throughout(cfg: DictConfig) -> bool:
-    """Whether the backbone never learns in this run (`freeze`, unless a fine-tune overrides)."""
-    return Finetune(**cfg.finetune).frozen_throughout(bool(cfg.freeze))
 
 
 def accelerator(cfg: DictConfig) -> str:
@@ -117,11 +76,11 @@ def class_weights(cfg: DictConfig, data: Any) -> list[float] | None:
 
 
 def build_model(cfg: DictConfig, data: Any) -> TransferModel:
-    """The network, loss, optimizer and fine-tuning schedule that `cfg` asks for."""
-    classes = data.classes
+    """The network, loss, optimizer and fine-tuning schedule that `cfg` asks for, with the run's
+    record (settings and split) that its checkpoints carry."""
     model = TransferModel(
         backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
-        classes=classes,
+        classes=data.classes,
         image_size=cfg.image_size,
         freeze=cfg.freeze,
         optimizer=instantiate(cfg.optimizer),
@@ -129,79 +88,13 @@ def build_model(cfg: DictConfig, data: Any) -> TransferModel:
         label_smoothing=cfg.label_smoothing,
         scheduler=instantiate(cfg.scheduler, _convert_="all"),
         class_weights=class_weights(cfg, data),
+        record={"settings": run_settings(cfg), "split": data.split_record()},
     )
     if cfg.memory_format != "auto":
         model.memory_format = MEMORY_FORMATS[cfg.memory_format]
+    if cfg.compile:
+        model.backbone.compile()
     return model
-
-
-def head_fit(cfg: DictConfig, cached: bool) -> str:
-    """`probe` or `recipe`: how this run fits a head that learns alone for the whole run.
-
-    The probe needs the cached features; with augmentation they cannot be cached, so the head
-    trains by the recipe (the configured optimizer and epochs), said once.
-    """
-    if cfg.head_fit == "recipe" or not frozen_throughout(cfg):
-        return "recipe"
-    if not cached:
-        log.warning(
-            "head_fit=probe fits the head on cached features, which augmentation (or "
-            "cache_features=false) rules out: the head trains with the recipe instead"
-        )
-        return "recipe"
-    return "probe"
-
-
-def fit_head_by_probe(
-    model: TransferModel,
-    data: Any,
-    features: dict[str, torch.Tensor],
-    cfg: DictConfig,
-    logger: Any,
-    refit: str,
-) -> dict[str, float]:
-    """Fit `model`'s head as a linear probe on cached features: the L2 strength chosen on the
-    val split (fits on train), then refitted at that strength on train+val (`trainval`, every
-    image the test never sees) or `train`; log one point per grid value.
-
-    Returns the chosen strength and the val loss and accuracy it was chosen by, which stay
-    honest when the refit has seen the val images.
-    """
-    labels = {name: torch.tensor(split.labels) for name, split in data.splits().items()}
-    classes = len(model.hparams.classes)
-    fit = fit_probe(
-        features["train"],
-        labels["train"],
-        features["val"],
-        labels["val"],
-        classes,
-        l2_grid=cfg.probe.l2_grid,
-        select=cfg.probe.select,
-        **({"refit_tol": None} if refit == "trainval" else {}),  # trainval: refitted below
-    )
-    chosen, sweep = next(p for p in fit.grid if p["l2"] == fit.l2), fit.grid
-    if refit == "trainval":
-        both = torch.cat([features["train"], features["val"]])
-        fit = fit_probe(
-            both, torch.cat([labels["train"], labels["val"]]), features["val"], labels["val"],
-            classes, l2_grid=[fit.l2],
-        )  # fmt: skip
-    with torch.no_grad():
-        model.head.weight.copy_(fit.weight)
-        model.head.bias.copy_(fit.bias)
-    if logger:
-        for step, point in enumerate(sweep):
-            logger.log_metrics({f"probe/{key}": value for key, value in point.items()}, step)
-        logger.log_metrics({"probe/chosen_l2": chosen["l2"]}, len(sweep))
-    log.info(
-        "linear probe: l2=%.3g chosen by val %s (val loss %.4f, val acc %.4f), refitted on %s",
-        chosen["l2"],
-        cfg.probe.select,
-        chosen["val_loss"],
-        chosen["val_acc"],
-        refit,
-    )
-    return chosen
 
 
 def test_intervals(metrics: dict[str, float], n: int) -> dict[str, Any]:
@@ -221,6 +114,34 @@ def tested_images(trainer: L.Trainer, data: Any) -> int:
     return min(images, math.ceil(math.ceil(images / data.batch_size) * limit) * data.batch_size)
 
 
+def build_trainer(
+    cfg: DictConfig, plan: HeadPlan, precision: str, logger: Any
+) -> tuple[L.Trainer, EpochTimer, RunCheckpoint]:
+    """The Trainer with this project's callbacks: epoch timing, the run's checkpoints (best by
+    val/acc, and last), lr monitoring with a logger, early stopping when asked."""
+    timer = EpochTimer()
+    checkpoint = RunCheckpoint(
+        dirpath=Path(cfg.output_dir) / "checkpoints",
+        filename="best",
+        monitor="val/acc",
+        mode="max",
+        save_last=True,
+        last_every_s=cfg.last_ckpt_every_s,
+    )
+    callbacks = [timer, checkpoint] + ([LearningRateMonitor("epoch")] if logger else [])
+    if cfg.early_stopping is not None:
+        callbacks.append(EarlyStopping("val/loss", patience=cfg.early_stopping, mode="min"))
+    trainer = instantiate(
+        cfg.trainer,
+        precision=precision,
+        logger=logger,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        **plan.epochs,
+    )
+    return trainer, timer, checkpoint
+
+
 def train(cfg: DictConfig) -> float:
     """Test, train, test again; log and checkpoint under `cfg.output_dir`; return the objective."""
     start = time.perf_counter()
@@ -228,77 +149,30 @@ def train(cfg: DictConfig) -> float:
     quiet_lightning()
     drop_failing_nvml_check()
     L.seed_everything(cfg.seed, workers=True)
-    out = Path(cfg.output_dir)
     data = instantiate(cfg.data)
     check_resume(cfg.ckpt_path, cfg, data.classes)
     if cfg.class_weights is None and cfg.sampler == "shuffle":
         warn_if_imbalanced(data.train_split, data.classes)
     model = build_model(cfg, data)
-    model.record = {"settings": run_settings(cfg), "split": data.split_record()}
     print(parameter_summary(model))
-    if cfg.compile:
-        model.backbone.compile()
     precision = resolve_precision(cfg.precision, accelerator(cfg))
-    cached = use_cached_features(cfg, data)
-    fit = head_fit(cfg, cached)
-    if fit == "probe" and cfg.ckpt_path:
-        raise UserError(
-            "head_fit=probe fits the head in one pass and has nothing to resume. "
-            "Fix: ckpt_path=null, or head_fit=recipe to resume its epochs"
-        )
-    timer = EpochTimer()
-    checkpoint = RunCheckpoint(
-        dirpath=out / "checkpoints",
-        filename="best",
-        monitor="val/acc",
-        mode="max",
-        save_last=True,
-        last_every_s=cfg.last_ckpt_every_s,
-    )
+    plan = HeadPlan.of(cfg, data)
     logger = instantiate(cfg.logger) if cfg.logger else False
-    callbacks = [timer, checkpoint] + ([LearningRateMonitor("epoch")] if logger else [])
-    if cfg.early_stopping is not None:
-        callbacks.append(EarlyStopping("val/loss", patience=cfg.early_stopping, mode="min"))
-    trainer: L.Trainer = instantiate(
-        cfg.trainer,
-        precision=precision,
-        logger=logger,
-        callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
-        **({"max_epochs": 1} if fit == "probe" else {}),  # one epoch: validate and checkpoint
-    )
-    lpft = cfg.finetune.name == "lpft" and not cfg.ckpt_path  # a resumed run has its head
-    features = None
-    if cached or lpft:
-        device = trainer.strategy.root_device
-        features = cached_features(
-            model, data, model.hparams.backbone, cfg.cache_dir, device, "bf16" in precision
-        )
-    if cached:
-        chunks = trains_on_chunks(trainer, cfg)
-        data.use_features(features, whole_epochs=chunks)
-        if chunks:
-            model.train_on_chunks(data.train_batches())
+    trainer, timer, checkpoint = build_trainer(cfg, plan, precision, logger)
+    features = plan.prepare(model, data, trainer, cfg, "bf16" in precision)
     if cfg.lr_find:
         from src.run.lr_find import find_lr  # matplotlib's pyplot: only for the finder's plot
 
-        return find_lr(trainer, model, data, out)
-    model.test_phase = "before"
+        return find_lr(trainer, model, data, Path(cfg.output_dir))
     before = trainer.test(model, data, verbose=False)[0]
-    model.test_phase = "test"
-    probe = None
-    if fit == "probe" or lpft:
-        # a fine-tune's epochs are chosen on val: its head must not have seen val
-        refit = cfg.probe.refit if fit == "probe" else "train"
-        probe = fit_head_by_probe(model, data, features, cfg, logger, refit)
-        model.fitted_head = fit == "probe"
+    probe = plan.fit_before_training(model, data, features, cfg, logger)
     trainer.fit(model, data, ckpt_path=cfg.ckpt_path)
     after = trainer.test(model, data, ckpt_path="best", verbose=False)[0]
     best = read_checkpoint(checkpoint.best_model_path, mmap=True)
     n_test = tested_images(trainer, data)
     result = {
         **hyperparameters(cfg),
-        "head_fit": fit,
+        "head_fit": plan.fit,
         "probe_l2": probe["l2"] if probe else None,
         **before,
         **after,
@@ -309,13 +183,10 @@ def train(cfg: DictConfig) -> float:
         "total_params": sum(p.numel() for p in model.parameters()),
         # a probe refitted on train+val has seen val: its val/acc is the one that chose it
         "val/acc": float(best["callbacks"][checkpoint.state_key]["best_model_score"])
-        if fit != "probe" or cfg.probe.refit == "train"
+        if plan.fit != "probe" or cfg.probe.refit == "train"
         else probe["val_acc"],
         "best_epoch": int(best["epoch"]),
-        "first_batch_s": timer.first_batch_s,
-        "fit_s": timer.fit_s,
-        "first_epoch_s": timer.seconds[0] if timer.seconds else None,
-        "mean_epoch_s": sum(timer.seconds) / len(timer.seconds) if timer.seconds else None,
+        **timer.figures(),
         "wall_s": time.perf_counter() - start,
     }
     if isinstance(logger, TensorBoardLogger):  # the HPARAMS tab, with the final metrics
@@ -323,7 +194,7 @@ def train(cfg: DictConfig) -> float:
     elif logger:
         logger.log_hyperparams(hyperparameters(cfg))
     if trainer.is_global_zero:  # one result under torchrun or srun, where every rank runs this
-        report(cfg, result, fit)
+        report(cfg, result)
         if isinstance(logger, TensorBoardLogger):  # confusion matrix, Grad-CAM
             from src.report.figures import log_final_figures  # matplotlib, Grad-CAM: only when used
 
@@ -331,13 +202,14 @@ def train(cfg: DictConfig) -> float:
     return float(result[cfg.objective])
 
 
-def report(cfg: DictConfig, result: dict[str, Any], fit: str) -> None:
+def report(cfg: DictConfig, result: dict[str, Any]) -> None:
     """Write result.json in the run dir and print the RESULT line."""
     (Path(cfg.output_dir) / "result.json").write_text(json.dumps(result, indent=2))
     finetune = f" finetune={cfg.finetune.name}" if cfg.finetune.name != "none" else ""
     low, high = result["test/acc_ci95"]
     print(
-        f"RESULT backbone={cfg.backbone.name} freeze={result['freeze']}{finetune} head_fit={fit} "
+        f"RESULT backbone={cfg.backbone.name} freeze={result['freeze']}{finetune} "
+        f"head_fit={result['head_fit']} "
         f"before_test_acc={result['before/test_acc']:.4f} test_acc={result['test/acc']:.4f} "
         f"test_acc_ci95=[{low:.4f},{high:.4f}] test_loss={result['test/loss']:.4f}"
     )

@@ -11,6 +11,7 @@ import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+import src.frozen.head
 import src.train
 from src.data.sampling import EpochShuffle
 from src.frozen.batches import EpochBatches, FeatureChunks, FeaturesDataset, minibatches
@@ -54,7 +55,7 @@ def test_chunked_epochs_match_one_step_per_minibatch(
         )
         overrides = {k: v for k, v in overrides.items() if k != "scheduler"}
     chunked, chunked_ckpt = run(tiny_cfg, "chunks", **overrides)
-    monkeypatch.setattr(src.train, "trains_on_chunks", lambda trainer, cfg: False)
+    monkeypatch.setattr(src.frozen.head, "trains_on_chunks", lambda trainer, cfg: False)
     stepped, stepped_ckpt = run(tiny_cfg, "steps", **overrides)
 
     assert {m: chunked[m] for m in METRICS} == {m: stepped[m] for m in METRICS}
@@ -102,11 +103,11 @@ def test_trainer_settings_that_count_minibatches_keep_one_step_each(
 ) -> None:
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, **setting)
     cfg = OmegaConf.create({"lr_find": False, "scheduler": {"interval": "step"}})
-    assert src.train.trains_on_chunks(trainer, cfg) is chunks
+    assert src.frozen.head.trains_on_chunks(trainer, cfg) is chunks
     finder = OmegaConf.merge(cfg, {"lr_find": True})
     plateau = OmegaConf.merge(cfg, {"scheduler": {"interval": "epoch"}})  # Lightning steps it
-    assert not src.train.trains_on_chunks(trainer, finder)
-    assert not src.train.trains_on_chunks(trainer, plateau)
+    assert not src.frozen.head.trains_on_chunks(trainer, finder)
+    assert not src.frozen.head.trains_on_chunks(trainer, plateau)
 
 
 def test_epoch_batches_hold_the_minibatches_of_the_epochs_shuffle() -> None:

@@ -10,12 +10,14 @@ from omegaconf import DictConfig
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import src.frozen.cache
+import src.frozen.head
 import src.train
 from src.data.module import ImageFolderData
 from src.frozen.cache import cached_features
+from src.frozen.head import fit_head_by_probe
 from src.frozen.probe import fit_probe
 from src.model.module import TransferModel
-from src.train import fit_head_by_probe, run, train
+from src.train import run, train
 from tests.conftest import compose_cfg, tiny_overrides
 
 LITE0 = {"_target_": "src.backbones.timm_backbone", "name": "tf_efficientnet_lite0"}
@@ -86,7 +88,7 @@ def test_lpft_fine_tunes_from_the_probes_head(tiny_cfg: DictConfig, monkeypatch)
         seen["bias"] = model.head.bias.detach().clone()
         seen["stem"] = model.backbone.conv_stem.weight.detach().clone()
 
-    monkeypatch.setattr(src.train, "fit_probe", recording_probe)
+    monkeypatch.setattr(src.frozen.head, "fit_probe", recording_probe)
     monkeypatch.setattr(TransferModel, "on_fit_start", on_fit_start)
     out = Path(tiny_cfg.output_dir)
     train(compose_cfg(overrides(tiny_cfg, "finetune=lpft", "trainer.max_epochs=1"), out))

@@ -16,8 +16,6 @@ from src.model.finetune import Finetune, batchnorm_layers
 from src.model.network import TransferNet
 from src.run.checkpoints import RECORD, VERSION
 
-TEST_PREFIXES = {"test": "test/", "before": "before/test_"}  # phase -> metric name prefix
-
 
 def freeze(module: nn.Module) -> None:
     """Stop `module` learning: no gradients, BatchNorm and Dropout in eval mode."""
@@ -48,7 +46,11 @@ class TransferModel(TransferNet, L.LightningModule):
     `scheduler` is the `scheduler` config group instantiated: `build` (a partial taking the
     optimizer, and `total_steps` when `interval` is `step`), `interval` and `monitor`.
     `label_smoothing` and `class_weights` (one per class, e.g. inverse class frequency) apply to
-    the training loss only, so val and test losses stay comparable.
+    the training loss only, so val and test losses stay comparable. `record` (the run's settings
+    and split, src.run.checkpoints) is saved in every checkpoint.
+
+    A test of weights that no fit has touched (neither run here nor loaded from a checkpoint)
+    logs its metrics as `before/test_*`, any other test as `test/*`.
     """
 
     def __init__(
@@ -62,9 +64,11 @@ class TransferModel(TransferNet, L.LightningModule):
         label_smoothing: float = 0.0,
         scheduler: dict[str, Any] | None = None,
         class_weights: list[float] | None = None,
+        record: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(backbone, classes, image_size)
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "record"], logger=False)
+        self.record = record or {}
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.label_smoothing = label_smoothing
@@ -95,12 +99,17 @@ class TransferModel(TransferNet, L.LightningModule):
                 for stage in ("train", "val", "test")
             }
         )
-        self.test_phase = "test"
-        self.fitted_head = False  # True: the head was fitted before training (linear probe)
+        self.trained = False  # weights from a fit (run here or loaded): see `test_step`
+        self.fitted_head = False  # the head was fitted before training (`keep_fitted_head`)
         self.steps_per_batch = 1  # optimizer steps per training batch (see train_on_chunks)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[RECORD] = {"version": VERSION, **self.record}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Weights loaded from a checkpoint (a resume, or `test(ckpt_path=...)` in any process,
+        a ddp_spawn rank's too) are trained ones."""
+        self.trained = True
 
     def freeze_backbone(self) -> None:
         """Freeze the backbone (for the run, or until a staged fine-tune unfreezes it)."""
@@ -217,7 +226,12 @@ class TransferModel(TransferNet, L.LightningModule):
         self._step(batch, "val", "val/")
 
     def test_step(self, batch: Any) -> None:
-        self._step(batch, "test", TEST_PREFIXES[self.test_phase])
+        self._step(batch, "test", "test/" if self.trained else "before/test_")
+
+    def keep_fitted_head(self) -> None:
+        """The head was fitted before training (the linear probe): `fit` then only validates
+        and checkpoints it, with an optimizer of lr 0."""
+        self.fitted_head = True
 
     def train_on_chunks(self, steps_per_batch: int) -> None:
         """Take the optimizer steps of each training batch's minibatches (FeatureChunks, one per
@@ -228,6 +242,7 @@ class TransferModel(TransferNet, L.LightningModule):
         self.steps_per_batch = steps_per_batch
 
     def on_fit_start(self) -> None:
+        self.trained = True
         self.finetune.check_epochs(self.trainer.max_epochs)
 
     def on_train_epoch_start(self) -> None:

@@ -67,6 +67,15 @@ class EpochTimer(L.Callback):
         self.seconds.append(time.perf_counter() - self._start)
         pl_module.log("time/epoch_s", self.seconds[-1], on_step=False, on_epoch=True)
 
+    def figures(self) -> dict[str, float | None]:
+        """The timings a run's result.json reports."""
+        return {
+            "first_batch_s": self.first_batch_s,
+            "fit_s": self.fit_s,
+            "first_epoch_s": self.seconds[0] if self.seconds else None,
+            "mean_epoch_s": sum(self.seconds) / len(self.seconds) if self.seconds else None,
+        }
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a hidden file beside it, then renames it over the target; reads
