@@ -158,8 +158,9 @@ def read_label_table(
     for i, row in enumerate(labels):
         targets[i, [index[label] for label in row]] = 1.0
     check_known(file, table, classes, targets)
-    table = replace(table, labels=[";".join(row) for row in labels])  # the cells, as read
-    table.columns["label"] = form
+    table = replace(
+        table, labels=[";".join(row) for row in labels], columns={**table.columns, "label": form}
+    )
     keep = torch.tensor([path.is_file() for path in table.paths])
     table = check_files(table, on_bad_image)
     return LabelTable(table, classes, targets[keep], task)

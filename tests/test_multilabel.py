@@ -1,0 +1,139 @@
+"""Multi-label classification: the table's label matrix, stratified splits, the per-label probe,
+the metrics and a run end to end."""
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from src.data.multilabel import read_label_table
+from src.data.multilabel_splits import holdout_split, kfold_split, warn_missing
+from src.run.errors import UserError
+
+
+def write_images(folder: Path, count: int, size: int = 16) -> list[str]:
+    """`count` small PNGs (noise) in `folder`; their names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    names = []
+    for i in range(count):
+        pixels = torch.randint(0, 255, (size, size, 3), generator=generator, dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(folder / f"im{i}.png")
+        names.append(f"im{i}.png")
+    return names
+
+
+def write_table(tmp_path: Path, header: str, rows: list[str], name: str = "labels.csv") -> Path:
+    """A table file next to images im0.png ... (one per row)."""
+    write_images(tmp_path, len(rows))
+    file = tmp_path / name
+    file.write_text("\n".join([header, *rows]) + "\n")
+    return file
+
+
+@pytest.mark.parametrize(
+    ("cells", "delimiter"),
+    [(["cat dog", "dog", "", "bird cat"], None), (["cat;dog", "dog", "", "bird; cat"], None),
+     (["cat|dog", "dog", "", "bird|cat"], "|")],
+)  # fmt: skip
+def test_label_cells_split_by_each_delimiter(tmp_path: Path, cells: list[str], delimiter) -> None:
+    rows = [f'im{i}.png,"{cell}"' for i, cell in enumerate(cells)]
+    labels = read_label_table(write_table(tmp_path, "path,labels", rows), label_delimiter=delimiter)
+    assert labels.task == "multilabel"
+    assert labels.classes == ["bird", "cat", "dog"]
+    assert labels.targets.tolist() == [[0, 1, 1], [0, 0, 1], [0, 0, 0], [1, 1, 0]]
+
+
+def test_binary_columns_and_tsv_jsonl(tmp_path: Path) -> None:
+    csv = write_table(
+        tmp_path, "file,cat,dog,note", ["im0.png,1,0,a", "im1.png,0,0,b", "im2.png,1,1,c"]
+    )
+    labels = read_label_table(csv)
+    assert (labels.task, labels.classes) == ("multilabel", ["cat", "dog"])
+    assert labels.targets.tolist() == [[1, 0], [0, 0], [1, 1]]
+    tsv = tmp_path / "labels.tsv"
+    tsv.write_text("path\tlabels\nim0.png\tcat dog\nim1.png\tdog\n")
+    assert read_label_table(tsv).targets.tolist() == [[1, 1], [0, 1]]
+    jsonl = tmp_path / "labels.jsonl"
+    jsonl.write_text(
+        '{"path": "im0.png", "labels": "cat;dog"}\n{"path": "im1.png", "labels": ""}\n'
+    )
+    assert read_label_table(jsonl).targets.tolist() == [[1, 1], [0, 0]]
+
+
+def test_auto_task_one_label_per_row_is_multiclass(tmp_path: Path) -> None:
+    labels = read_label_table(write_table(tmp_path, "path,label", ["im0.png,cat", "im1.png,dog"]))
+    assert labels.task == "multiclass"
+    forced = read_label_table(tmp_path / "labels.csv", task="multilabel")
+    assert forced.task == "multilabel" and forced.targets.tolist() == [[1, 0], [0, 1]]
+
+
+@pytest.mark.parametrize(
+    ("header", "rows", "task", "message"),
+    [
+        ("path,label", ["im0.png,cat", "im1.png,", "im2.png,dog"], "auto",
+         "an empty label cell (column 'label') on line(s) 3"),
+        ("path,labels", ["im0.png,cat dog", "im1.png,dog"], "multiclass",
+         "several labels (task=multiclass) on line(s) 2"),
+        ("path,cat,dog", ["im0.png,1,0", "im1.png,yes,1", "im2.png,0,1"], "auto",
+         "a cell of label column 'cat' that is not 0 or 1 on line(s) 3"),
+        ("path,labels,split", ["im0.png,cat,train", "im1.png,cat dog,val", "im2.png,dog bird,test",
+                               "im3.png,cat dog,train"], "auto",
+         "the label(s) bird only in val/test rows (first one) on line(s) 4"),
+        ("path,labels", ["im0.png,cat", "im1.png,dog"], "both", "unknown task='both'"),
+    ],
+)  # fmt: skip
+def test_bad_rows_end_in_one_line(
+    tmp_path: Path, header: str, rows: list[str], task: str, message: str
+) -> None:
+    with pytest.raises(UserError) as raised:
+        read_label_table(write_table(tmp_path, header, rows), task=task)
+    assert message in str(raised.value)
+    assert "Fix:" in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_missing_image_named_or_skipped(tmp_path: Path) -> None:
+    file = write_table(tmp_path, "path,labels", ["im0.png,cat", "im1.png,dog cat", "im9.png,dog"])
+    with pytest.raises(UserError, match="a missing image file on line.s. 4"):
+        read_label_table(file)
+    labels = read_label_table(file, on_bad_image="skip")
+    assert len(labels.table.paths) == 2 and labels.targets.tolist() == [[1, 0], [1, 1]]
+
+
+def random_targets(n: int, labels: int, seed: int = 0) -> torch.Tensor:
+    """n rows of labels with unequal rates (0.5 down to ~0.1), some rows with none."""
+    rates = torch.linspace(0.5, 0.1, labels)
+    return (torch.rand(n, labels, generator=torch.Generator().manual_seed(seed)) < rates).float()
+
+
+def test_holdout_split_keeps_each_label_share() -> None:
+    targets = random_targets(200, 5)
+    parts = holdout_split(targets, 0.2, 0.2, seed=3)
+    assert sorted(sum(parts.values(), [])) == list(range(200))
+    assert [len(parts[p]) for p in ("train", "val", "test")] == [120, 40, 40]
+    share = targets.mean(0)
+    for ids in parts.values():  # iterative stratification: within 2 images of the share
+        assert ((targets[ids].mean(0) - share).abs() * len(ids) <= 2).all()
+    assert holdout_split(targets, 0.2, 0.2, seed=3) == parts  # seeded
+    assert holdout_split(targets, 0.2, 0.2, seed=4) != parts
+
+
+def test_kfold_split_covers_every_image_once() -> None:
+    targets = random_targets(60, 4)
+    tests = [kfold_split(targets, 3, fold, 0.1, seed=0)["test"] for fold in range(3)]
+    assert sorted(sum(tests, [])) == list(range(60))
+    for ids in tests:
+        assert (targets[ids].sum(0) > 0).all()
+
+
+def test_rare_label_named(caplog: pytest.LogCaptureFixture) -> None:
+    targets = torch.zeros(30, 2)
+    targets[::2, 0] = 1
+    targets[7, 1] = 1  # one image: it cannot be in train, val and test
+    parts = holdout_split(targets, 0.2, 0.2, seed=0)
+    with caplog.at_level(logging.WARNING):
+        missing = warn_missing(targets, parts, ["common", "rare"])
+    assert len(missing) == 1 and missing[0].startswith("rare (1 image(s), none in")
+    assert "rare (1 image(s)" in caplog.text
