@@ -137,3 +137,102 @@ def test_rare_label_named(caplog: pytest.LogCaptureFixture) -> None:
         missing = warn_missing(targets, parts, ["common", "rare"])
     assert len(missing) == 1 and missing[0].startswith("rare (1 image(s), none in")
     assert "rare (1 image(s)" in caplog.text
+
+
+def label_problem(n: int, features: int = 6, labels: int = 3, seed: int = 0):
+    """Features with a linear signal for each label (plus noise), and its 0/1 targets."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=generator, dtype=torch.float64) * 3 + 1
+    w = torch.randn(labels, features, generator=generator, dtype=torch.float64)
+    noise = torch.randn(n, labels, generator=generator, dtype=torch.float64) * 2
+    return x, ((x - 1) @ w.T / 3 + noise > 0.5).double()
+
+
+def test_label_probe_matches_scikit_learn(one_thread) -> None:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from src.frozen.label_probe import fit_label_probe
+
+    x, y = label_problem(120)
+    val_x, val_y = label_problem(60, seed=1)
+    l2 = 0.01
+    fit = fit_label_probe(x, y, val_x, val_y, l2_grid=[l2])
+    for k in range(y.shape[1]):
+        pipe = make_pipeline(
+            StandardScaler(), LogisticRegression(C=1 / (l2 * len(x)), tol=1e-10, max_iter=10000)
+        ).fit(x.numpy(), y[:, k].numpy())
+        expected = torch.from_numpy(pipe.decision_function(val_x.numpy()))
+        got = val_x @ fit.weight[k].double() + fit.bias[k].double()
+        assert torch.allclose(got, expected, atol=1e-4), k
+
+
+def test_label_probe_chooses_strength_on_val(one_thread) -> None:
+    from src.frozen.label_probe import fit_label_probe
+
+    x, y = label_problem(80)
+    val_x, val_y = label_problem(60, seed=1)
+    grid = [1.0, 1e-2, 1e-4]
+    by_loss = fit_label_probe(x, y, val_x, val_y, l2_grid=grid, refit_tol=None)
+    assert [p["l2"] for p in by_loss.grid] == grid
+    assert by_loss.l2 == min(by_loss.grid, key=lambda p: p["val_loss"])["l2"]
+    by_map = fit_label_probe(x, y, val_x, val_y, l2_grid=grid, select="mAP", refit_tol=None)
+    assert by_map.l2 == max(by_map.grid, key=lambda p: p["val_mAP"])["l2"]
+    with pytest.raises(ValueError, match="no positive or no negative"):
+        fit_label_probe(x, torch.cat([y, torch.zeros(80, 1)], 1), val_x, val_y, l2_grid=grid)
+
+
+def predictions(n: int, labels: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities with ties (rounded to 0.05) that carry some signal, and 0/1 targets."""
+    generator = torch.Generator().manual_seed(seed)
+    targets = (torch.rand(n, labels, generator=generator) < 0.35).double()
+    noise = torch.rand(n, labels, generator=generator, dtype=torch.float64)
+    return ((0.4 * targets + 0.6 * noise) * 20).round() / 20, targets
+
+
+def test_metrics_match_scikit_learn() -> None:
+    from sklearn import metrics as sk
+
+    from src.model.metrics import average_precision, multilabel_metrics, per_label_metrics
+
+    probs, targets = predictions(80, 4, seed=0)
+    thresholds = torch.tensor([0.3, 0.5, 0.55, 0.7], dtype=torch.float64)
+    got = multilabel_metrics(probs, targets, thresholds)
+    y, p = targets.numpy().astype(int), probs.numpy()
+    pred = (probs >= thresholds).numpy().astype(int)
+    ap = [sk.average_precision_score(y[:, k], p[:, k]) for k in range(4)]
+    assert average_precision(probs, targets).tolist() == pytest.approx(ap, abs=1e-6)
+    assert got["mAP"] == pytest.approx(sum(ap) / 4, abs=1e-6)
+    assert got["micro_f1"] == pytest.approx(sk.f1_score(y, pred, average="micro"))
+    assert got["macro_f1"] == pytest.approx(sk.f1_score(y, pred, average="macro", zero_division=0))
+    assert got["subset_acc"] == pytest.approx(sk.accuracy_score(y, pred))
+    assert got["hamming_loss"] == pytest.approx(sk.hamming_loss(y, pred))
+    rows = per_label_metrics(probs, targets, thresholds, list("abcd"))
+    precision, recall, f1, support = sk.precision_recall_fscore_support(y, pred, zero_division=0)
+    assert [r["precision"] for r in rows] == pytest.approx(precision.tolist())
+    assert [r["recall"] for r in rows] == pytest.approx(recall.tolist())
+    assert [r["f1"] for r in rows] == pytest.approx(f1.tolist())
+    assert [r["support"] for r in rows] == support.tolist()
+
+
+def test_thresholds_are_the_f1_best_cuts_of_val() -> None:
+    from sklearn.metrics import f1_score
+
+    from src.model.metrics import DEFAULT_THRESHOLD, choose_thresholds
+
+    probs, targets = predictions(60, 3, seed=1)
+    targets[:, 2] = 0  # no positive: the default cut
+    thresholds = choose_thresholds(probs, targets)
+    assert thresholds[2] == DEFAULT_THRESHOLD
+    for k in range(2):  # no cut among the val scores beats the chosen one
+        y = targets[:, k].numpy()
+
+        def f1(cut: float, k: int = k, y=y) -> float:
+            return f1_score(y, (probs[:, k] >= cut).numpy())
+
+        best = max(f1(c) for c in probs[:, k].unique().tolist())
+        assert f1(thresholds[k].item()) == pytest.approx(best)
+    other_probs, _ = predictions(60, 3, seed=2)  # thresholds depend on val only
+    assert torch.equal(choose_thresholds(probs, targets), thresholds)
+    assert not torch.equal(choose_thresholds(other_probs, targets), thresholds)

@@ -165,7 +165,7 @@ def fit_probe(
             f"classes {missing} have no training sample: their unpenalised bias has no finite "
             "optimum"
         )
-    grid = _check_grid(DEFAULT_L2_GRID if l2_grid is None else l2_grid)
+    grid = check_grid(DEFAULT_L2_GRID if l2_grid is None else l2_grid)
     if select not in SELECTIONS:
         raise ValueError(f"select must be one of {SELECTIONS}, got {select!r}")
     if max_iter < 1 or tol <= 0 or (refit_tol is not None and refit_tol <= 0):
@@ -239,7 +239,7 @@ def _check_split(name: str, x: torch.Tensor, y: torch.Tensor, num_classes: int) 
         )
 
 
-def _check_grid(l2_grid: list[float] | tuple[float, ...]) -> list[float]:
+def check_grid(l2_grid: list[float] | tuple[float, ...]) -> list[float]:
     """The grid as floats, strongest first; ValueError if empty, duplicated or not all > 0."""
     grid = sorted((float(v) for v in l2_grid), reverse=True)
     if not grid:

@@ -1,0 +1,110 @@
+"""Multi-label metrics on sigmoid probabilities: average precision per label and its mean (mAP,
+threshold-free), per-label thresholds chosen on the val split (the F1-best cut of each label),
+and at those thresholds micro/macro F1, subset accuracy and Hamming loss."""
+
+import torch
+from torchmetrics.functional.classification import multilabel_average_precision
+
+DEFAULT_THRESHOLD = 0.5  # a label without a positive val image: no cut can be chosen
+
+
+def average_precision(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per label, the average precision of `probs` (n, labels) for 0/1 `targets` (as
+    scikit-learn's average_precision_score); NaN for a label with no positive."""
+    ap = torch.full((probs.shape[1],), float("nan"), dtype=torch.float64)
+    present = (targets > 0).any(0)
+    if present.any():
+        ap[present] = multilabel_average_precision(
+            probs[:, present].float(),
+            (targets[:, present] > 0).long(),
+            num_labels=int(present.sum()),
+            average=None,
+            thresholds=None,
+        ).to(torch.float64)
+    return ap
+
+
+def mean_average_precision(probs: torch.Tensor, targets: torch.Tensor) -> float:
+    """mAP: the mean of the per-label AP over the labels with a positive (NaN if none has)."""
+    return average_precision(probs, targets).nanmean().item()
+
+
+def choose_thresholds(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per label, the cut of `probs` (val predictions) with the highest F1 on `targets`: a
+    label is predicted where its probability is >= the cut. The cut lies halfway between the
+    lowest probability kept and the next one below; DEFAULT_THRESHOLD for a label without a
+    positive. Ties in F1 go to the higher cut (fewer positives)."""
+    n, labels = probs.shape
+    thresholds = torch.full((labels,), DEFAULT_THRESHOLD, dtype=torch.float64)
+    for k in range(labels):
+        positives = int((targets[:, k] > 0).sum())
+        if positives == 0:
+            continue
+        scores, order = probs[:, k].double().sort(descending=True)
+        hits = (targets[order, k] > 0).double().cumsum(0)
+        kept = torch.arange(1, n + 1, dtype=torch.float64)
+        f1 = 2 * hits / (kept + positives)
+        group_end = torch.ones(n, dtype=torch.bool)  # a cut keeps whole groups of tied scores
+        group_end[:-1] = scores[:-1] != scores[1:]
+        f1[~group_end] = -1.0
+        best = int(f1.argmax())
+        below = scores[best + 1].item() if best + 1 < n else 0.0
+        thresholds[k] = (scores[best].item() + below) / 2
+    return thresholds
+
+
+def f1_parts(predicted: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per label the true positives, predicted and actual positives (float64)."""
+    truth = targets > 0
+    return {
+        "tp": (predicted & truth).sum(0).double(),
+        "predicted": predicted.sum(0).double(),
+        "support": truth.sum(0).double(),
+    }
+
+
+def ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """numerator / denominator, 0 where the denominator is 0 (scikit-learn's zero_division=0)."""
+    return torch.where(denominator > 0, numerator / denominator.clamp(min=1e-300), 0.0)
+
+
+def multilabel_metrics(
+    probs: torch.Tensor, targets: torch.Tensor, thresholds: torch.Tensor
+) -> dict[str, float]:
+    """mAP, micro and macro F1, subset accuracy and Hamming loss of `probs` at `thresholds`."""
+    predicted = probs.double() >= thresholds.double()
+    parts = f1_parts(predicted, targets)
+    f1 = ratio(2 * parts["tp"], parts["predicted"] + parts["support"])
+    micro = ratio(2 * parts["tp"].sum(), parts["predicted"].sum() + parts["support"].sum())
+    truth = targets > 0
+    return {
+        "mAP": mean_average_precision(probs, targets),
+        "micro_f1": micro.item(),
+        "macro_f1": f1.mean().item(),
+        "subset_acc": (predicted == truth).all(1).double().mean().item(),
+        "hamming_loss": (predicted != truth).double().mean().item(),
+    }
+
+
+def per_label_metrics(
+    probs: torch.Tensor, targets: torch.Tensor, thresholds: torch.Tensor, classes: list[str]
+) -> list[dict[str, float | str]]:
+    """Per label: AP, precision, recall and F1 at its threshold, support, the threshold."""
+    predicted = probs.double() >= thresholds.double()
+    parts = f1_parts(predicted, targets)
+    precision = ratio(parts["tp"], parts["predicted"])
+    recall = ratio(parts["tp"], parts["support"])
+    f1 = ratio(2 * parts["tp"], parts["predicted"] + parts["support"])
+    ap = average_precision(probs, targets)
+    return [
+        {
+            "label": name,
+            "ap": ap[k].item(),
+            "precision": precision[k].item(),
+            "recall": recall[k].item(),
+            "f1": f1[k].item(),
+            "support": int(parts["support"][k]),
+            "threshold": thresholds[k].item(),
+        }
+        for k, name in enumerate(classes)
+    ]
