@@ -5,6 +5,7 @@ and model (`prepare`) and to fit the head before training (`fit_before_training`
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -12,6 +13,7 @@ import torch
 from omegaconf import DictConfig
 
 from src.frozen.cache import cached_features
+from src.frozen.label_probe import fit_label_probe
 from src.frozen.probe import fit_probe
 from src.model.finetune import Finetune
 from src.run.errors import UserError
@@ -91,13 +93,23 @@ def fit_head_by_probe(
     honest when the refit has seen the val images.
     """
     labels = {name: torch.tensor(split.labels) for name, split in data.splits().items()}
-    classes = len(model.hparams.classes)
-    fit = fit_probe(
+    multilabel = model.hparams.get("task") == "multilabel"
+    fit_any = (
+        fit_label_probe
+        if multilabel
+        else partial(fit_probe, num_classes=len(model.hparams.classes))
+    )
+    if cfg.probe.select == ("acc" if multilabel else "mAP"):
+        task, fit = ("multi-label", "mAP") if multilabel else ("multi-class", "acc")
+        raise UserError(
+            f"probe.select={cfg.probe.select} does not score a {task} probe. "
+            f"Fix: probe.select=loss or probe.select={fit}"
+        )
+    fit = fit_any(
         features["train"],
         labels["train"],
         features["val"],
         labels["val"],
-        classes,
         l2_grid=cfg.probe.l2_grid,
         select=cfg.probe.select,
         **({"refit_tol": None} if refit == "trainval" else {}),  # trainval: refitted below
@@ -105,9 +117,9 @@ def fit_head_by_probe(
     chosen, sweep = next(p for p in fit.grid if p["l2"] == fit.l2), fit.grid
     if refit == "trainval":
         both = torch.cat([features["train"], features["val"]])
-        fit = fit_probe(
+        fit = fit_any(
             both, torch.cat([labels["train"], labels["val"]]), features["val"], labels["val"],
-            classes, l2_grid=[fit.l2],
+            l2_grid=[fit.l2],
         )  # fmt: skip
     with torch.no_grad():
         model.head.weight.copy_(fit.weight)
@@ -116,12 +128,14 @@ def fit_head_by_probe(
         for step, point in enumerate(sweep):
             logger.log_metrics({f"probe/{key}": value for key, value in point.items()}, step)
         logger.log_metrics({"probe/chosen_l2": chosen["l2"]}, len(sweep))
+    score = "val_mAP" if multilabel else "val_acc"
     log.info(
-        "linear probe: l2=%.3g chosen by val %s (val loss %.4f, val acc %.4f), refitted on %s",
+        "linear probe: l2=%.3g chosen by val %s (val loss %.4f, %s %.4f), refitted on %s",
         chosen["l2"],
         cfg.probe.select,
         chosen["val_loss"],
-        chosen["val_acc"],
+        score,
+        chosen[score],
         refit,
     )
     return chosen

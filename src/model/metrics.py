@@ -3,7 +3,11 @@ threshold-free), per-label thresholds chosen on the val split (the F1-best cut o
 and at those thresholds micro/macro F1, subset accuracy and Hamming loss."""
 
 import torch
+from torch import nn
+from torchmetrics import MeanMetric, Metric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from torchmetrics.functional.classification import multilabel_average_precision
+from torchmetrics.utilities import dim_zero_cat
 
 DEFAULT_THRESHOLD = 0.5  # a label without a positive val image: no cut can be chosen
 
@@ -108,3 +112,54 @@ def per_label_metrics(
         }
         for k, name in enumerate(classes)
     ]
+
+
+class LabelScores(Metric):
+    """Every image's sigmoid probabilities and 0/1 targets of an epoch (gathered over DDP
+    ranks); computes the mAP, and gives them all for the thresholded metrics (`gathered`)."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("probs", default=[], dist_reduce_fx="cat")
+        self.add_state("targets", default=[], dist_reduce_fx="cat")
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        self.probs.append(logits.detach().float().sigmoid())
+        self.targets.append(targets.detach().float())
+
+    def gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The epoch's probabilities and targets, from every rank."""
+        with self.sync_context(should_unsync=True):
+            return dim_zero_cat(self.probs), dim_zero_cat(self.targets)
+
+    def compute(self) -> torch.Tensor:
+        probs, targets = dim_zero_cat(self.probs), dim_zero_cat(self.targets)
+        return torch.tensor(mean_average_precision(probs, targets))
+
+
+def stage_metrics(task: str, classes: int) -> nn.ModuleDict:
+    """Per stage (train, val, test) the metrics a run logs: the loss, and for multi-class the
+    accuracy (test: also balanced accuracy and macro F1), for multi-label the mAP (test: the
+    thresholded ones are computed from the gathered scores, see TransferModel)."""
+
+    def metrics(stage: str) -> dict[str, Metric]:
+        if task == "multilabel":
+            return {"loss": MeanMetric(), "mAP": LabelScores()}
+        return {
+            "loss": MeanMetric(),
+            "acc": MulticlassAccuracy(classes, average="micro"),
+            **(
+                {
+                    "balanced_acc": MulticlassAccuracy(classes, average="macro"),
+                    "macro_f1": MulticlassF1Score(classes, average="macro"),
+                }
+                if stage == "test"
+                else {}
+            ),
+        }
+
+    return nn.ModuleDict(
+        {f"{stage}_metrics": nn.ModuleDict(metrics(stage)) for stage in ("train", "val", "test")}
+    )

@@ -8,11 +8,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from src.frozen.batches import minibatches
 from src.model.finetune import Finetune, batchnorm_layers
+from src.model.metrics import DEFAULT_THRESHOLD, LabelScores, multilabel_metrics, stage_metrics
 from src.model.network import TransferNet
 from src.run.checkpoints import RECORD, VERSION
 
@@ -45,6 +44,8 @@ class TransferModel(TransferNet, L.LightningModule):
     `finetune` (Finetune's fields) chooses when the backbone learns and at which lr;
     `scheduler` is the `scheduler` config group instantiated: `build` (a partial taking the
     optimizer, and `total_steps` when `interval` is `step`), `interval` and `monitor`.
+    `task` multilabel: one sigmoid output per label, BCEWithLogitsLoss (`class_weights`: the
+    per-label pos_weight), val/test mAP and per-label thresholds (`set_thresholds`).
     `label_smoothing` and `class_weights` (one per class, e.g. inverse class frequency) apply to
     the training loss only, so val and test losses stay comparable. `record` (the run's settings
     and split, src.run.checkpoints) is saved in every checkpoint.
@@ -65,6 +66,7 @@ class TransferModel(TransferNet, L.LightningModule):
         scheduler: dict[str, Any] | None = None,
         class_weights: list[float] | None = None,
         record: dict[str, Any] | None = None,
+        task: str = "multiclass",
     ) -> None:
         super().__init__(backbone, classes, image_size)
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "record"], logger=False)
@@ -79,26 +81,11 @@ class TransferModel(TransferNet, L.LightningModule):
         self.reduce_backbone_gradients = False
         if self.finetune.frozen_at_start(freeze):
             self.freeze_backbone()
-        n = len(classes)
-        self.metrics = nn.ModuleDict(
-            {
-                f"{stage}_metrics": nn.ModuleDict(
-                    {
-                        "loss": MeanMetric(),
-                        "acc": MulticlassAccuracy(n, average="micro"),
-                        **(
-                            {
-                                "balanced_acc": MulticlassAccuracy(n, average="macro"),
-                                "macro_f1": MulticlassF1Score(n, average="macro"),
-                            }
-                            if stage == "test"
-                            else {}
-                        ),
-                    }
-                )
-                for stage in ("train", "val", "test")
-            }
-        )
+        self.task = task
+        self.metrics = stage_metrics(task, len(classes))
+        # multi-label: the test epoch's scores, for the metrics at the thresholds
+        self.test_scores = LabelScores() if task == "multilabel" else None
+        self.thresholds = torch.full((len(classes),), DEFAULT_THRESHOLD, dtype=torch.float64)
         self.trained = False  # weights from a fit (run here or loaded): see `test_step`
         self.fitted_head = False  # the head was fitted before training (`keep_fitted_head`)
         self.steps_per_batch = 1  # optimizer steps per training batch (see train_on_chunks)
@@ -108,8 +95,15 @@ class TransferModel(TransferNet, L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Weights loaded from a checkpoint (a resume, or `test(ckpt_path=...)` in any process,
-        a ddp_spawn rank's too) are trained ones."""
+        a ddp_spawn rank's too) are trained ones; a multi-label one brings its thresholds."""
         self.trained = True
+        if (thresholds := checkpoint.get(RECORD, {}).get("thresholds")) is not None:
+            self.set_thresholds(torch.tensor(thresholds, dtype=torch.float64))
+
+    def set_thresholds(self, thresholds: torch.Tensor) -> None:
+        """The per-label cuts of a multi-label model (chosen on val), saved in its checkpoints."""
+        self.thresholds = thresholds
+        self.record["thresholds"] = thresholds.tolist()
 
     def freeze_backbone(self) -> None:
         """Freeze the backbone (for the run, or until a staged fine-tune unfreezes it)."""
@@ -175,12 +169,17 @@ class TransferModel(TransferNet, L.LightningModule):
         predictions, targets = [], []
         for x, y in minibatches(batch):
             logits = self.logits(x)
-            loss = F.cross_entropy(
-                logits.float(),
-                y,
-                weight=self.class_weights if training else None,
-                label_smoothing=self.label_smoothing if training else 0.0,
-            )
+            if self.task == "multilabel":
+                loss = F.binary_cross_entropy_with_logits(
+                    logits.float(), y.float(), pos_weight=self.class_weights if training else None
+                )
+            else:
+                loss = F.cross_entropy(
+                    logits.float(),
+                    y,
+                    weight=self.class_weights if training else None,
+                    label_smoothing=self.label_smoothing if training else 0.0,
+                )
             metrics["loss"].update(loss.detach(), len(y))
             if learn is not None:
                 learn(loss)
@@ -189,6 +188,8 @@ class TransferModel(TransferNet, L.LightningModule):
         logits, y = (torch.cat(predictions), torch.cat(targets)) if len(targets) > 1 else (
             predictions[0], targets[0]
         )  # fmt: skip
+        if stage == "test" and self.task == "multilabel":
+            self.test_scores.update(logits, y)
         for name, metric in metrics.items():
             if name != "loss":
                 metric.update(logits, y)
@@ -227,6 +228,19 @@ class TransferModel(TransferNet, L.LightningModule):
 
     def test_step(self, batch: Any) -> None:
         self._step(batch, "test", "test/" if self.trained else "before/test_")
+
+    def on_test_epoch_end(self) -> None:
+        """Multi-label: log the metrics at the per-label thresholds, of every test image."""
+        if self.task != "multilabel":
+            return
+        probs, targets = self.test_scores.gathered()
+        self.test_scores.reset()
+        prefix = "test/" if self.trained else "before/test_"
+        for name, value in multilabel_metrics(
+            probs, targets, self.thresholds.to(probs.device)
+        ).items():
+            if name != "mAP":  # logged by the step's metric
+                self.log(f"{prefix}{name}", value)
 
     def keep_fitted_head(self) -> None:
         """The head was fitted before training (the linear probe): `fit` then only validates

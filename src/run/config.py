@@ -56,7 +56,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     ),
     "cache_features": (lambda v: v in ("auto", True, False), "auto, true or false", "auto"),
     "head_fit": (lambda v: v in ("probe", "recipe"), "probe or recipe", "probe"),
-    "probe.select": (lambda v: v in ("loss", "acc"), "loss or acc", "loss"),
+    "probe.select": (lambda v: v in ("loss", "acc", "mAP"), "loss, acc or mAP", "loss"),
     "probe.refit": (lambda v: v in ("trainval", "train"), "trainval or train", "trainval"),
     "class_weights": (lambda v: v in (None, "auto"), "auto or null", "auto"),
     "sampler": (lambda v: v in ("shuffle", "balanced"), "shuffle or balanced", "balanced"),
