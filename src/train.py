@@ -20,6 +20,7 @@ from src.frozen.head import HeadPlan, frozen_throughout
 from src.model.module import TransferModel, parameter_summary, trainable_parameters
 from src.report.stats import accuracy_ci
 from src.report.summary import write_cv
+from src.run import multilabel as ml
 from src.run.callbacks import AtomicCheckpointIO, EpochTimer, RunCheckpoint
 from src.run.checkpoints import check_resume, read_checkpoint, run_settings
 from src.run.config import check_config
@@ -68,9 +69,12 @@ def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
 
 
 def class_weights(cfg: DictConfig, data: Any) -> list[float] | None:
-    """`class_weights=auto`: inverse class frequency of the training split, mean 1."""
+    """`class_weights=auto`: inverse class frequency of the training split, mean 1 (multi-label:
+    each label's pos_weight)."""
     if cfg.class_weights is None:
         return None
+    if ml.is_multilabel(data):
+        return ml.positive_weights(data)
     counts = class_counts(data.train_split, data.classes)
     return [sum(counts) / (len(counts) * count) for count in counts]
 
@@ -89,6 +93,7 @@ def build_model(cfg: DictConfig, data: Any) -> TransferModel:
         scheduler=instantiate(cfg.scheduler, _convert_="all"),
         class_weights=class_weights(cfg, data),
         record={"settings": run_settings(cfg), "split": data.split_record()},
+        **({"task": "multilabel"} if ml.is_multilabel(data) else {}),
     )
     if cfg.memory_format != "auto":
         model.memory_format = MEMORY_FORMATS[cfg.memory_format]
@@ -115,15 +120,15 @@ def tested_images(trainer: L.Trainer, data: Any) -> int:
 
 
 def build_trainer(
-    cfg: DictConfig, plan: HeadPlan, precision: str, logger: Any
+    cfg: DictConfig, plan: HeadPlan, precision: str, logger: Any, monitor: str = "val/acc"
 ) -> tuple[L.Trainer, EpochTimer, RunCheckpoint]:
     """The Trainer with this project's callbacks: epoch timing, the run's checkpoints (best by
-    val/acc, and last), lr monitoring with a logger, early stopping when asked."""
+    `monitor`, and last), lr monitoring with a logger, early stopping when asked."""
     timer = EpochTimer()
     checkpoint = RunCheckpoint(
         dirpath=Path(cfg.output_dir) / "checkpoints",
         filename="best",
-        monitor="val/acc",
+        monitor=monitor,
         mode="max",
         save_last=True,
         last_every_s=cfg.last_ckpt_every_s,
@@ -151,14 +156,18 @@ def train(cfg: DictConfig) -> float:
     L.seed_everything(cfg.seed, workers=True)
     data = instantiate(cfg.data)
     check_resume(cfg.ckpt_path, cfg, data.classes)
-    if cfg.class_weights is None and cfg.sampler == "shuffle":
+    multilabel = ml.is_multilabel(data)
+    score = "val/mAP" if multilabel else "val/acc"  # what chooses the checkpoint
+    if multilabel:
+        ml.check_run(cfg, data)
+    elif cfg.class_weights is None and cfg.sampler == "shuffle":
         warn_if_imbalanced(data.train_split, data.classes)
     model = build_model(cfg, data)
     print(parameter_summary(model))
     precision = resolve_precision(cfg.precision, accelerator(cfg))
     plan = HeadPlan.of(cfg, data)
     logger = instantiate(cfg.logger) if cfg.logger else False
-    trainer, timer, checkpoint = build_trainer(cfg, plan, precision, logger)
+    trainer, timer, checkpoint = build_trainer(cfg, plan, precision, logger, score)
     features = plan.prepare(model, data, trainer, cfg, "bf16" in precision)
     if cfg.lr_find:
         from src.run.lr_find import find_lr  # matplotlib's pyplot: only for the finder's plot
@@ -167,6 +176,8 @@ def train(cfg: DictConfig) -> float:
     before = trainer.test(model, data, verbose=False)[0]
     probe = plan.fit_before_training(model, data, features, cfg, logger)
     trainer.fit(model, data, ckpt_path=cfg.ckpt_path)
+    if multilabel:
+        ml.fit_thresholds(trainer, model, data, checkpoint.best_model_path)
     after = trainer.test(model, data, ckpt_path="best", verbose=False)[0]
     best = read_checkpoint(checkpoint.best_model_path, mmap=True)
     n_test = tested_images(trainer, data)
@@ -181,10 +192,11 @@ def train(cfg: DictConfig) -> float:
         "split": model.record["split"],
         "trainable_params": sum(p.numel() for p in trainable_parameters(model)),
         "total_params": sum(p.numel() for p in model.parameters()),
-        # a probe refitted on train+val has seen val: its val/acc is the one that chose it
-        "val/acc": float(best["callbacks"][checkpoint.state_key]["best_model_score"])
+        # a probe refitted on train+val has seen val: its val score is the one that chose it
+        score: float(best["callbacks"][checkpoint.state_key]["best_model_score"])
         if plan.fit != "probe" or cfg.probe.refit == "train"
-        else probe["val_acc"],
+        else probe[score.replace("/", "_")],
+        **(ml.multilabel_result(model, cfg.seed) if multilabel else {}),
         "best_epoch": int(best["epoch"]),
         **timer.figures(),
         "wall_s": time.perf_counter() - start,
@@ -195,23 +207,30 @@ def train(cfg: DictConfig) -> float:
         logger.log_hyperparams(hyperparameters(cfg))
     if trainer.is_global_zero:  # one result under torchrun or srun, where every rank runs this
         report(cfg, result)
-        if isinstance(logger, TensorBoardLogger):  # confusion matrix, Grad-CAM
+        if isinstance(logger, TensorBoardLogger) and not multilabel:  # confusion matrix, Grad-CAM
             from src.report.figures import log_final_figures  # matplotlib, Grad-CAM: only when used
 
             log_final_figures(trainer, model, data, "bf16" in precision)
-    return float(result[cfg.objective])
+    objective = "val/mAP" if multilabel and cfg.objective == "val/acc" else cfg.objective
+    return float(result[objective])
 
 
 def report(cfg: DictConfig, result: dict[str, Any]) -> None:
     """Write result.json in the run dir and print the RESULT line."""
     (Path(cfg.output_dir) / "result.json").write_text(json.dumps(result, indent=2))
     finetune = f" finetune={cfg.finetune.name}" if cfg.finetune.name != "none" else ""
+    prefix = (
+        f"RESULT backbone={cfg.backbone.name} freeze={result['freeze']}{finetune} "
+        f"head_fit={result['head_fit']}"
+    )
+    if "test/mAP" in result:
+        print(ml.result_line(prefix, result))
+        return
     low, high = result["test/acc_ci95"]
     print(
-        f"RESULT backbone={cfg.backbone.name} freeze={result['freeze']}{finetune} "
-        f"head_fit={result['head_fit']} "
-        f"before_test_acc={result['before/test_acc']:.4f} test_acc={result['test/acc']:.4f} "
-        f"test_acc_ci95=[{low:.4f},{high:.4f}] test_loss={result['test/loss']:.4f}"
+        f"{prefix} before_test_acc={result['before/test_acc']:.4f} "
+        f"test_acc={result['test/acc']:.4f} test_acc_ci95=[{low:.4f},{high:.4f}] "
+        f"test_loss={result['test/loss']:.4f}"
     )
 
 

@@ -236,3 +236,71 @@ def test_thresholds_are_the_f1_best_cuts_of_val() -> None:
     other_probs, _ = predictions(60, 3, seed=2)  # thresholds depend on val only
     assert torch.equal(choose_thresholds(probs, targets), thresholds)
     assert not torch.equal(choose_thresholds(other_probs, targets), thresholds)
+
+
+LABEL_COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 60, 230)}
+
+
+def make_label_table(root: Path, count: int = 40, size: int = 24) -> Path:
+    """A multi-label table: each image has a quadrant per label, that label's colour where the
+    image has it (half the images, independently), grey noise elsewhere."""
+    root.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    rows = ["path,labels"]
+    half = size // 2
+    for i in range(count):
+        pixels = torch.randint(90, 150, (size, size, 3), generator=generator)
+        present = []
+        for q, (name, colour) in enumerate(LABEL_COLOURS.items()):
+            if torch.rand(1, generator=generator).item() < 0.5:
+                top, left = (q // 2) * half, (q % 2) * half
+                pixels[top : top + half, left : left + half] = torch.tensor(colour)
+                present.append(name)
+        Image.fromarray(pixels.to(torch.uint8).numpy()).save(root / f"im{i}.png")
+        rows.append(f"im{i}.png,{';'.join(present)}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root / "labels.csv"
+
+
+def table_overrides(file: Path, *extra: str) -> list[str]:
+    """A fast CPU run on the table `file` (tiny_overrides with data=table)."""
+    from tests.conftest import tiny_overrides
+
+    base = [o for o in tiny_overrides(file) if not o.startswith(("data=", "data.root="))]
+    return [*base, "data=table", f"data.root={file}", "data.val_fraction=0.25",
+            "data.test_fraction=0.25", *extra]  # fmt: skip
+
+
+def instantiate_data(cfg):
+    """The data module of a composed config."""
+    from hydra.utils import instantiate
+
+    return instantiate(cfg.data)
+
+
+def test_multilabel_run_end_to_end(tmp_path: Path, one_thread) -> None:
+    """Frozen backbone, probe head: trains from the CSV alone; the thresholds in the checkpoint
+    are the val predictions' F1-best cuts; the test metrics are those at the thresholds."""
+    import json
+
+    from src.data.multilabel_module import MultiLabelData
+    from src.model.network import load_model
+    from src.train import train
+    from tests.conftest import compose_cfg
+
+    file = make_label_table(tmp_path / "data")
+    cfg = compose_cfg(table_overrides(file, "head_fit=probe"), tmp_path / "run")
+    objective = train(cfg)
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert objective == result["val/mAP"]
+    for key in ("test/mAP", "test/micro_f1", "test/macro_f1", "test/subset_acc",
+                "test/hamming_loss", "before/test_mAP"):  # fmt: skip
+        assert 0 <= result[key] <= 1, key
+    low, high = result["test/mAP_ci95"]
+    assert low <= result["test/mAP"] <= high
+    model = load_model(tmp_path / "run" / "checkpoints" / "best.ckpt")
+    thresholds = model.record["thresholds"]
+    assert list(result["thresholds"].values()) == thresholds and len(thresholds) == 3
+    data = instantiate_data(cfg)
+    assert isinstance(data, MultiLabelData) and data.classes == ["blue", "green", "red"]
+    assert data.split_record() == model.record["split"]

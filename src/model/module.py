@@ -233,7 +233,7 @@ class TransferModel(TransferNet, L.LightningModule):
         """Multi-label: log the metrics at the per-label thresholds, of every test image."""
         if self.task != "multilabel":
             return
-        probs, targets = self.test_scores.gathered()
+        probs, targets = self.last_test_scores = self.test_scores.gathered()
         self.test_scores.reset()
         prefix = "test/" if self.trained else "before/test_"
         for name, value in multilabel_metrics(
