@@ -19,7 +19,7 @@ from src.data.sampling import class_counts, warn_if_imbalanced
 from src.frozen.head import HeadPlan, frozen_throughout
 from src.model.module import TransferModel, parameter_summary, trainable_parameters
 from src.report.stats import accuracy_ci
-from src.report.summary import write_cv
+from src.report.summary import result_objective, write_cv
 from src.run import multilabel as ml
 from src.run.callbacks import AtomicCheckpointIO, EpochTimer, RunCheckpoint
 from src.run.checkpoints import check_resume, read_checkpoint, run_settings
@@ -211,8 +211,7 @@ def train(cfg: DictConfig) -> float:
             from src.report.figures import log_final_figures  # matplotlib, Grad-CAM: only when used
 
             log_final_figures(trainer, model, data, "bf16" in precision)
-    objective = "val/mAP" if multilabel and cfg.objective == "val/acc" else cfg.objective
-    return float(result[objective])
+    return float(result[result_objective(cfg.objective, result)])
 
 
 def report(cfg: DictConfig, result: dict[str, Any]) -> None:
@@ -234,7 +233,8 @@ def report(cfg: DictConfig, result: dict[str, Any]) -> None:
     )
 
 
-CV_METRICS = ["val/acc", "test/acc", "test/balanced_acc", "test/macro_f1", "test/loss"]
+CV_METRICS = ["val/acc", "test/acc", "test/balanced_acc", "val/mAP", "test/mAP", "test/micro_f1",
+              "test/macro_f1", "test/loss"]  # fmt: skip
 
 
 def cross_validate(cfg: DictConfig) -> float:
@@ -256,7 +256,8 @@ def cross_validate(cfg: DictConfig) -> float:
                 fold_cfg.cache_dir = str(out / "features")
         train(fold_cfg)
         rows.append(json.loads((out / f"fold-{fold}" / "result.json").read_text()))
-    metrics = [m for m in dict.fromkeys([cfg.objective, *CV_METRICS]) if m in rows[0]]
+    objective = result_objective(cfg.objective, rows[0])
+    metrics = [m for m in dict.fromkeys([objective, *CV_METRICS]) if m in rows[0]]
     print(write_cv(out, rows, metrics))
     means = {m: sum(row[m] for row in rows) / len(rows) for m in metrics}
     result = (
@@ -265,7 +266,7 @@ def cross_validate(cfg: DictConfig) -> float:
         | {"folds": cfg.folds, "wall_s": sum(r["wall_s"] for r in rows)}
     )
     (out / "result.json").write_text(json.dumps(result, indent=2))  # the job's row in a sweep
-    return means[cfg.objective]
+    return means[objective]
 
 
 def run(cfg: DictConfig) -> float:

@@ -284,6 +284,7 @@ def test_multilabel_run_end_to_end(tmp_path: Path, one_thread) -> None:
     import json
 
     from src.data.multilabel_module import MultiLabelData
+    from src.model.metrics import choose_thresholds
     from src.model.network import load_model
     from src.train import train
     from tests.conftest import compose_cfg
@@ -304,3 +305,29 @@ def test_multilabel_run_end_to_end(tmp_path: Path, one_thread) -> None:
     data = instantiate_data(cfg)
     assert isinstance(data, MultiLabelData) and data.classes == ["blue", "green", "red"]
     assert data.split_record() == model.record["split"]
+    data.setup()
+    val = data.datasets["val"]
+    with torch.no_grad():
+        probs = model(val.images).sigmoid()
+    expected = choose_thresholds(probs, val.labels)  # the val split's cuts, nothing else's
+    assert thresholds == pytest.approx(expected.tolist(), abs=1e-4)
+
+
+def test_multilabel_recipe_kfold_with_positive_weights(tmp_path: Path, one_thread) -> None:
+    """The recipe's epochs with class_weights=auto (pos_weight) over 2 stratified folds."""
+    import json
+
+    from src.train import run
+    from tests.conftest import compose_cfg
+
+    file = make_label_table(tmp_path / "data", count=32)
+    overrides = table_overrides(file, "class_weights=auto", "folds=2", "trainer.max_epochs=1")
+    objective = run(compose_cfg(overrides, tmp_path / "run"))
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert objective == result["val/mAP"] and result["folds"] == 2
+    folds = [
+        json.loads((tmp_path / "run" / f"fold-{k}" / "result.json").read_text()) for k in (0, 1)
+    ]
+    tests = [set(f["split"]["splits"]["test"].values()) for f in folds]
+    assert tests[0] != tests[1]
+    assert "test/mAP" in (tmp_path / "run" / "cv.md").read_text()

@@ -74,6 +74,11 @@ def is_seed(override: str) -> bool:
     return override.split("=", 1)[0].lstrip("+~") == "seed"
 
 
+def result_objective(objective: str, result: dict[str, Any]) -> str:
+    """The result key `objective` names: the default val/acc is val/mAP for a multi-label run."""
+    return "val/mAP" if objective == "val/acc" and "val/acc" not in result else objective
+
+
 def direction(objective: str) -> int:
     """1 where lower is better (a loss), -1 where higher is: the sign to sort values by."""
     return 1 if "loss" in objective else -1
@@ -177,7 +182,7 @@ def markdown(rows: list[dict[str, Any]], common: list[str], objective: str) -> s
 
 def group_metrics(objective: str) -> list[str]:
     """The metrics the grouped summary describes: the objective and test/acc."""
-    return list(dict.fromkeys([objective, "test/acc"]))
+    return list(dict.fromkeys([objective, "test/mAP" if "mAP" in objective else "test/acc"]))
 
 
 def group_columns(objective: str) -> list[str]:
@@ -264,6 +269,9 @@ def write_summary(sweep_dir: Path, objective: str) -> list[dict[str, Any]]:
     Per job: `summary.md`, `summary.csv`; per setting: `summary_grouped.md`, `.csv`.
     """
     rows, common = sweep_rows(sweep_dir, objective)
+    if done := [r for r in rows if r["status"] == "completed"]:  # multi-label: val/mAP
+        objective = result_objective(objective, done[0])
+        rows, common = sweep_rows(sweep_dir, objective)
     write_csv(sweep_dir / "summary.csv", columns(objective, rows), rows)
     jobs = markdown(rows, common, objective)
     (sweep_dir / "summary.md").write_text(jobs)
