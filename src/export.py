@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from src.model.inference import load_checkpoint
+from src.model.metrics import DEFAULT_THRESHOLD
 from src.model.network import TransferNet
 from src.run.errors import UserError, exit_on_user_error
 
@@ -49,6 +50,22 @@ def contract(model: TransferNet, fmt: str, file: str) -> dict[str, Any]:
             "meaning": "class logits; softmax gives probabilities",
         },
         "classes": list(model.classes),
+    } | (multilabel_output(model) if getattr(model, "task", "") == "multilabel" else {})
+
+
+def multilabel_output(model: TransferNet) -> dict[str, Any]:
+    """A multi-label model's outputs: one independent sigmoid per label, and each label's
+    threshold (chosen on val) above which it is predicted."""
+    thresholds = model.record.get("thresholds", [DEFAULT_THRESHOLD] * len(model.classes))
+    return {
+        "task": "multilabel",
+        "output": {
+            "name": "logits",
+            "shape": ["batch", len(model.classes)],
+            "meaning": "per-label logits; sigmoid gives each label's probability, and a label "
+            "is predicted where its probability >= its threshold",
+        },
+        "thresholds": dict(zip(model.classes, thresholds, strict=True)),
     }
 
 

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from src.data.scan import input_classes, list_inputs
 from src.model.inference import load_checkpoint, logits_of_files, pick_device
+from src.model.metrics import DEFAULT_THRESHOLD
 from src.report.stats import wilson_interval
 from src.run.errors import UserError, exit_on_user_error
 
@@ -55,6 +56,8 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     model = load_checkpoint(cfg.ckpt_path)
     classes = list(model.classes)
     scores, errors = logits_of_files(model, paths, pick_device(cfg.device))
+    if getattr(model, "task", "multiclass") == "multilabel":
+        return predict_labels(cfg, model, paths, scores, errors)
     tops = top_k(scores.nan_to_num(0).softmax(1), classes, cfg.top_k)
     truth = input_classes(paths, cfg.inputs) if Path(cfg.inputs).is_dir() else None
     records = [
@@ -90,6 +93,51 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
         )
     if errors:
         print(f"{len(errors)} file(s) could not be read: their rows say why")
+    print(f"predictions written to {out / 'predictions.csv'} and predictions.json")
+    return records
+
+
+def predict_labels(
+    cfg: DictConfig, model: Any, paths: list[Path], scores: torch.Tensor, errors: dict[int, str]
+) -> list[dict[str, Any]]:
+    """A multi-label model's predictions: per image every label whose sigmoid probability is at
+    or above its threshold (chosen on val, from the checkpoint), and the top-k probabilities;
+    printed, and written to predictions.json and predictions.csv (one row per top-k label,
+    `predicted` saying whether it passed its threshold)."""
+    classes = list(model.classes)
+    probs = scores.nan_to_num(0).sigmoid()
+    thresholds = torch.tensor(model.record.get("thresholds", [DEFAULT_THRESHOLD] * len(classes)))
+    tops = top_k(probs, classes, cfg.top_k)
+    cut = dict(zip(classes, thresholds.tolist(), strict=True))
+    records = []
+    for i, path in enumerate(paths):
+        if i in errors:
+            records.append({"image": str(path), "error": errors[i]})
+            continue
+        above = [
+            (c, p) for c, p in top_k(probs[i : i + 1], classes, len(classes))[0] if p >= cut[c]
+        ]
+        records.append(
+            {
+                "image": str(path),
+                "labels": [{"label": c, "probability": p} for c, p in above],
+                "top": [{"class": c, "probability": p} for c, p in tops[i]],
+            }
+        )
+        print(f"{path}  {', '.join(f'{c} {p:.3f}' for c, p in above) or '(no label)'}")
+    out = Path(cfg.output_dir)
+    (out / "predictions.json").write_text(json.dumps(records, indent=2))
+    with open(out / "predictions.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "rank", "class", "probability", "predicted", "error"])
+        for i, path in enumerate(paths):
+            if i in errors:
+                writer.writerow([path, "", "", "", "", errors[i]])
+                continue
+            writer.writerows(
+                [path, rank + 1, c, f"{p:.6f}", int(p >= cut[c]), ""]
+                for rank, (c, p) in enumerate(tops[i])
+            )
     print(f"predictions written to {out / 'predictions.csv'} and predictions.json")
     return records
 

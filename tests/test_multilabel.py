@@ -312,6 +312,33 @@ def test_multilabel_run_end_to_end(tmp_path: Path, one_thread) -> None:
     expected = choose_thresholds(probs, val.labels)  # the val split's cuts, nothing else's
     assert thresholds == pytest.approx(expected.tolist(), abs=1e-4)
 
+    # predict: every label at or above its threshold; the exported model gives the same logits
+    from src.export import export
+    from src.predict import predict
+    from tests.test_inspect import command_cfg
+
+    ckpt = tmp_path / "run" / "checkpoints" / "best.ckpt"
+    records = predict(command_cfg("predict", [f"ckpt_path={ckpt}", f"inputs={file.parent}"],
+                                  tmp_path / "predict"))  # fmt: skip
+    truth = {str(p): row for p, row in zip(data._all.paths, data._all.labels, strict=True)}
+    for record in records:
+        labels = {item["label"] for item in record["labels"]}
+        cut = dict(zip(model.classes, thresholds, strict=True))
+        assert all(item["probability"] >= cut[item["label"]] for item in record["labels"])
+        assert {t["class"] for t in record["top"] if t["probability"] >= cut[t["class"]]} <= labels
+    right = [
+        {c for c, y in zip(model.classes, truth[r["image"]], strict=True) if y}
+        == {item["label"] for item in r["labels"]}
+        for r in records
+    ]
+    assert sum(right) >= 0.8 * len(records)  # the colours are easy: most label sets exact
+    info = export(command_cfg("export", [f"ckpt_path={ckpt}"], tmp_path / "export"))
+    assert info["task"] == "multilabel" and "sigmoid" in info["output"]["meaning"]
+    assert list(info["thresholds"].values()) == thresholds
+    # the probe's logits reach thousands on these separable colours: parity relative to them
+    largest_logit = info["parity"]["allowed"] / info["parity"]["tolerance"]
+    assert info["parity"]["max_abs_diff"] <= 1e-6 * largest_logit
+
 
 def test_multilabel_recipe_kfold_with_positive_weights(tmp_path: Path, one_thread) -> None:
     """The recipe's epochs with class_weights=auto (pos_weight) over 2 stratified folds."""

@@ -71,4 +71,5 @@ def load_model(ckpt_path: str | Path) -> TransferNet:
     model = TransferNet(backbone, hparams["classes"], hparams["image_size"])
     model.load_state_dict(ckpt["state_dict"])
     model.record = ckpt.get(RECORD, {})
+    model.task = hparams.get("task", "multiclass")
     return model.eval()
