@@ -11,7 +11,6 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from src.frozen.batches import minibatches
 from src.model.finetune import Finetune, batchnorm_layers
 from src.model.network import TransferNet
 from src.run.checkpoints import RECORD, VERSION
@@ -163,8 +162,9 @@ class TransferModel(TransferNet, L.LightningModule):
         prefix: str,
         learn: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
-        """Loss and metrics of a batch's minibatches (one, or a FeatureChunks' run), logged per
-        epoch; `learn` takes each minibatch's loss (the optimizer steps of `train_on_chunks`).
+        """Loss and metrics of a batch's minibatches (the batch itself, or the run of one that
+        offers `minibatches()`, as src.frozen.batches.FeatureChunks does), logged per epoch;
+        `learn` takes each minibatch's loss (the optimizer steps of `train_on_chunks`).
 
         The loss is averaged per minibatch, as Lightning would; the class metrics count the
         run's predictions at once. The metric objects reduce over DDP ranks (the loss as a mean
@@ -173,7 +173,8 @@ class TransferModel(TransferNet, L.LightningModule):
         training = stage == "train"
         metrics = self.metrics[f"{stage}_metrics"]
         predictions, targets = [], []
-        for x, y in minibatches(batch):
+        runs = batch.minibatches() if hasattr(batch, "minibatches") else [batch]
+        for x, y in runs:
             logits = self.logits(x)
             loss = F.cross_entropy(
                 logits.float(),
