@@ -1,5 +1,8 @@
-"""Shared fixtures: small generated image folders and configs composed the way Hydra does."""
+"""Shared fixtures: small generated image folders and configs composed the way Hydra does; no
+network in the session; a record of what each `Trainer.fit` ran."""
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,29 @@ from PIL import Image
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 COLOURS = [(220, 40, 40), (40, 200, 60), (50, 60, 230)]  # one per class, easy to learn
+OFFLINE = Path(__file__).resolve().parent / "offline"  # its sitecustomize guards subprocesses
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Any connection (or host lookup) other than loopback fails loudly, in this process and in
+    every Python subprocess (OFFLINE first on PYTHONPATH); the session fails at its end if one
+    was attempted, even where the code caught the error."""
+    from tests.offline.network_guard import LOG, install
+
+    log = tmp_path_factory.getbasetemp() / "network_attempts.log"
+    paths = [str(OFFLINE), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    saved = {name: os.environ.get(name) for name in ("PYTHONPATH", LOG)}
+    os.environ.update({"PYTHONPATH": os.pathsep.join(paths), LOG: str(log)})
+    install()
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    if log.exists() and log.read_text():
+        pytest.fail(f"tests tried to reach the network:\n{log.read_text()}", pytrace=False)
 
 
 def make_folder(root: Path, per_class: int = 8, size: int = 24, validation: int = 0) -> Path:
