@@ -114,7 +114,7 @@ def test_command_line_run_writes_events_checkpoints_and_result(image_root, tmp_p
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     written = json.loads((run_dir / "result.json").read_text())
     assert written["trainable_params"] == 3843
-    # from the process's start: after the imports and data, before the run ended
-    assert 1.0 < written["first_batch_s"] < elapsed - written["mean_epoch_s"]
+    # from the process's start, before the run ended (no wall-clock bound: bench/ measures speed)
+    assert 0 < written["first_batch_s"] < elapsed - written["mean_epoch_s"]
     # the training loop, its checkpoint writes included, within the run and after the first batch
     assert written["mean_epoch_s"] <= written["fit_s"] < elapsed - written["first_batch_s"]
