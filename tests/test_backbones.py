@@ -172,6 +172,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_folder(tmp_path_factory.mktemp("arch") / "data", per_class=6, size=64, validation=2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("source", "name", "size"), ARCHITECTURES)
 def test_every_architecture_trains_extracts_explains_and_exports(
     source: str, name: str, size: int, folder: Path, tmp_path: Path, capsys

@@ -144,6 +144,7 @@ def test_staged_groups_and_lrs_before_and_after_unfreezing(image_root: Path, tmp
     assert recorder.start[2] == {"groups": groups, "model_training": True, **learning}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheduler", ["none", "cosine", "plateau", "onecycle"])
 @pytest.mark.parametrize("stop_after", [0, 1])
 def test_resume_across_the_unfreeze_epoch(

@@ -97,6 +97,7 @@ def test_lpft_fine_tunes_from_the_probes_head(tiny_cfg: DictConfig, monkeypatch)
     assert not torch.equal(last["backbone.conv_stem.weight"], seen["stem"])
 
 
+@pytest.mark.slow
 def test_lpft_resumes_exactly(tiny_cfg: DictConfig, fits: list[FitRecord]) -> None:
     parent = Path(tiny_cfg.output_dir).parent
     settings = ["finetune=lpft", "optimizer=adam"]

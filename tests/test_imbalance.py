@@ -4,6 +4,7 @@ equally often, both resume exactly, and a run on unbalanced data says so once.""
 import logging
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -59,6 +60,7 @@ def test_balanced_sampler_draws_each_class_equally_often_and_per_epoch() -> None
     assert list(again) != first
 
 
+@pytest.mark.slow
 def test_unbalanced_data_warns_once_and_both_options_resume_exactly(tmp_path, caplog, fits):
     root = unbalanced(tmp_path / "data")
     base = [*tiny_overrides(root), "freeze=false", "optimizer=adam", "class_weights=auto",

@@ -33,6 +33,7 @@ def run(cfg: DictConfig, name: str, *overrides: str) -> tuple[dict, dict]:
     return {k: v for k, v in result.items() if k not in TIMINGS}, last
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("freeze", ["true", "false"])  # cached features; images
 def test_resumed_run_matches_an_uninterrupted_one(
     tiny_cfg: DictConfig, freeze: str, fits: list[FitRecord]
@@ -55,6 +56,7 @@ def test_resumed_run_matches_an_uninterrupted_one(
     assert not torch.equal(first_last["state_dict"]["head.weight"], weights["head.weight"])
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_last_checkpoint_to_resume_from(
     tiny_cfg: DictConfig, monkeypatch: pytest.MonkeyPatch, fits: list[FitRecord]
 ) -> None:
@@ -117,6 +119,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(
     assert torch.load(folder / "last.ckpt", weights_only=False)["epoch"] == 0
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics_other_seed_other_metrics(tiny_cfg: DictConfig) -> None:
     first, _ = run(tiny_cfg, "first", "seed=1")
     again, _ = run(tiny_cfg, "again", "seed=1")

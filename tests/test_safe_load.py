@@ -181,6 +181,7 @@ def refused(root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, t
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_every_command_refuses_a_crafted_checkpoint(refused: dict, command: str) -> None:
     code, stderr, path, marker = refused[command]

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import torchvision
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -90,6 +91,7 @@ def test_same_seed_gives_the_same_metrics(tiny_cfg):
     assert results[0]["test/loss"] == results[1]["test/loss"]
 
 
+@pytest.mark.slow
 def test_command_line_run_writes_events_checkpoints_and_result(image_root, tmp_path):
     run_dir = tmp_path / "run"
     command = [
