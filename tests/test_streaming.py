@@ -115,6 +115,7 @@ def test_augmentation_leaves_the_global_generator_alone(tmp_path: Path) -> None:
     assert torch.equal(torch.rand(3), expected)
 
 
+@pytest.mark.slow
 def test_seeded_training_run_has_the_same_metrics_streamed_and_in_memory(
     image_root: Path, tmp_path: Path
 ) -> None:
