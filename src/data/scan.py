@@ -23,6 +23,14 @@ MIN_SIDE = 8  # images smaller than this (px) are used, with a warning
 SCAN_FORMAT = 1  # bump when check_image changes what it accepts
 
 
+def relative(path: Path, root: Path) -> str:
+    """`path` relative to `root` (POSIX), or absolute where it lies elsewhere (a table's row)."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
 def ignored(path: Path) -> bool:
     """Hidden files and the junk that file managers leave (.DS_Store, Thumbs.db, desktop.ini)."""
     return path.name.startswith(".") or path.name.lower() in JUNK_FILES
@@ -151,7 +159,7 @@ def scan_images(
     sizes: dict[Path, str | tuple[int, int]] = {}
     todo = []
     for path, size, mtime_ns in files:
-        dims = cached_size(cached.get(path.relative_to(root).as_posix()), size, mtime_ns)
+        dims = cached_size(cached.get(relative(path, root)), size, mtime_ns)
         if dims is None:
             todo.append(path)
         else:
@@ -161,7 +169,7 @@ def scan_images(
         write_scan_cache(
             cache,
             {
-                path.relative_to(root).as_posix(): [size, mtime_ns, list(sizes[path])]
+                relative(path, root): [size, mtime_ns, list(sizes[path])]
                 for path, size, mtime_ns in files
                 if isinstance(sizes[path], tuple)
             },
@@ -173,9 +181,7 @@ def scan_images(
 
 def listing(paths: list[Path], root: Path, notes: dict[Path, str] | None = None) -> str:
     """At most MAX_LISTED paths relative to `root` (with their notes), then a count of the rest."""
-    names = [
-        f"{p.relative_to(root)}" + (f" ({notes[p]})" if notes else "") for p in paths[:MAX_LISTED]
-    ]
+    names = [relative(p, root) + (f" ({notes[p]})" if notes else "") for p in paths[:MAX_LISTED]]
     more = f" and {len(paths) - MAX_LISTED} more" if len(paths) > MAX_LISTED else ""
     return ", ".join(names) + more
 
