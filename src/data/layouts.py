@@ -187,8 +187,8 @@ def read_table_source(
         for role, split in given.items():
             check_given(file, classes, split, role, "the train rows")
     column = table.columns.get("split")
-    origin = {r: f"rows of {column} = {r}" for r in ("train", *given)} if column else {}
-    origin = origin or {"train": f"every row of {file.name}"}
+    origin = {r: f"the {r} rows of {file.name}" for r in ("train", *given)} if column else {}
+    origin = origin or {"train": file.name}
     return Source("table", classes, train, given, base, origin, table.sha256)
 
 
@@ -199,8 +199,8 @@ def keep_readable(table: Table, bad: set[Path]) -> Table:
 
 def describe(source: Source, root: Path, carved: dict[str, str]) -> str:
     """The one log line: the layout found and the folder or column (or carving) of each split."""
-    parts = [
-        f"{role} = {source.origin.get(role) or carved.get(role, '')}"
-        for role in ("train", "val", "test")
+    rest = " (less the splits carved from it)" if set(carved) - set(source.given) else ""
+    parts = [f"train = {source.origin['train']}{rest}"] + [
+        f"{role} = {source.origin.get(role) or carved.get(role, '')}" for role in ("val", "test")
     ]
     return f"data layout {source.layout} in {root}: " + "; ".join(parts)

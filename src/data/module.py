@@ -90,6 +90,8 @@ class ImageFolderData(L.LightningDataModule):
             {k: getattr(self, k) for k in ("seed", "val_fraction", "test_fraction")}
             | {"folds": folds, "fold": fold},
         )
+        self.pool = source.origin["train"]  # where the splits that the data lacks are carved
+        carved = {role: how.format(pool=self.pool) for role, how in carved.items()}
         self.test_source = source.origin.get("test") or carved["test"]
         log.info(describe(source, self.root, carved))
         self.test_is_val = not parts["test"]

@@ -13,6 +13,7 @@ import PIL
 from PIL import Image
 
 from src.data.images import parallel_map, problem
+from src.data.table import is_table, read_table
 from src.run.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -214,12 +215,15 @@ def drop_bad_images(
 
 
 def list_inputs(path: str | Path | None, key: str = "inputs") -> list[Path]:
-    """An image file, or the images of a folder and its sub-folders (sorted; hidden files and
-    folders and junk ignored); a UserError naming `key` when there are none."""
-    fix = f"Fix: {key}=<an image file or a folder of images>"
+    """An image file, the images of a folder and its sub-folders (sorted; hidden files and
+    folders and junk ignored), or those a table lists (its path column, in its order); a
+    UserError naming `key` when there are none."""
+    fix = f"Fix: {key}=<an image file, a folder of images or a table of their paths>"
     if path is None or not str(path):
         raise UserError(f"no {key} given. {fix}")
     path = Path(path)
+    if path.is_file() and is_table(path):
+        return read_table(path, labelled=False).paths
     if path.is_file():
         return [path]
     if not path.is_dir():
@@ -234,12 +238,22 @@ def list_inputs(path: str | Path | None, key: str = "inputs") -> list[Path]:
     return sorted(found)
 
 
-def input_classes(paths: Sequence[Path], root: str | Path) -> list[str] | None:
-    """Each image's sub-folder of `root` (its class in a folder such as validation/<class>/),
-    or None unless every image sits in a sub-folder of `root`."""
+def input_classes(
+    paths: Sequence[Path], root: str | Path, classes: Sequence[str] = ()
+) -> list[str] | None:
+    """Each image's class where `root` says it: a table's label column, else its sub-folder of
+    `root` (a folder such as validation/<class>/), else (when those are not all `classes`: a
+    root of train/<class>/, test/<class>/...) the folder holding it; None where it says none."""
     root = Path(root)
+    if root.is_file():
+        return read_table(root, labelled=False).labels if is_table(root) else None
     try:
         parts = [p.relative_to(root).parts for p in paths]
     except ValueError:  # not under root
         return None
-    return [p[0] for p in parts] if parts and all(len(p) > 1 for p in parts) else None
+    if not parts or not all(len(p) > 1 for p in parts):
+        return None
+    first = [p[0] for p in parts]
+    if classes and not set(first) <= set(classes):
+        return [p[-2] for p in parts]
+    return first

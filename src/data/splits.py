@@ -128,7 +128,7 @@ def layout_split(
     """All images (the training pool, then the given val and test splits) and each split's
     indices into them: the splits a layout does not give are carved from the pool by
     `holdout_split` or `kfold_split` (`settings`: SPLIT_KEYS), as in the published layout.
-    Also says how each carved split was made (for the log line)."""
+    Also says how each carved split was made, of "{pool}" (for the log line)."""
     seed, val_fraction, test_fraction = (settings[k] for k in SPLIT_KEYS[:3])
     folds, fold = settings["folds"], settings["fold"]
     carved = {}
@@ -141,14 +141,17 @@ def layout_split(
         carve_val = val_fraction if "test" not in given else None
         parts = kfold_split(train, classes, folds, fold, carve_val, seed)
         held = "test" if carve_val is not None else "val"
-        carved[held] = f"fold {fold} of {folds} (seed {seed})"
+        carved[held] = f"fold {fold} of {folds} of {{pool}} (stratified, seed {seed})"
         if carve_val is not None:
             carved["val"] = f"{val_fraction} of the other folds"
     else:
         val = 0 if "val" in given else val_fraction
         test = 0 if "test" in given else test_fraction
         parts = holdout_split(train, classes, val, test, seed)
-        carved = {"val": f"{val} of train", "test": f"{test} of train" if test else "val's images"}
+        carved = {
+            "val": f"{val} of {{pool}} (stratified, seed {seed})",
+            "test": f"{test} of {{pool}} (stratified, seed {seed})" if test else "val's images",
+        }
     everything = Split(list(train.paths), list(train.labels))
     for role in ("val", "test"):
         if role in given:
