@@ -85,9 +85,10 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
         read = [i for i in range(len(paths)) if i not in errors]
         right = sum(tops[i][0][0] == truth[i] for i in read)
         low, high = wilson_interval(right, len(read)) if read else (float("nan"),) * 2
+        given = "table" if Path(cfg.inputs).is_file() else "folder"
         print(
             f"accuracy {right / max(1, len(read)):.4f} ({right} of {len(read)} images by their "
-            f"folder's or table's class; 95% interval {low:.4f}-{high:.4f})"
+            f"{given}'s class; 95% interval {low:.4f}-{high:.4f})"
         )
     if errors:
         print(f"{len(errors)} file(s) could not be read: their rows say why")
