@@ -106,7 +106,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     classes = list(model.classes)
     record = model.record.get("split")  # the training run's split: its seed and fractions
     data: ImageFolderData = instantiate(
-        cfg.data, image_size=model.image_size, **(split_settings(record) if record else {})
+        cfg.data,
+        image_size=model.image_size,
+        resize=model.resize,
+        **(split_settings(record) if record else {}),
     )
     if record is None:
         log.warning(
@@ -114,7 +117,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "its test split may hold images it trained on",
             cfg.ckpt_path,
         )
-    elif not (data.root / "validation").is_dir():
+    elif not data.test_given:
         data.check_split(record)  # the same held-out images, or one line saying why not
     if data.classes != classes:
         raise UserError(
@@ -137,9 +140,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "checkpoint": str(cfg.ckpt_path),
         "data_root": str(data.root),
         "test_is_val": data.test_is_val,
-        "test_source": "validation/"
-        if (data.root / "validation").is_dir()
-        else "the held-out test split of training/ (it chose nothing)",
+        "test_source": data.test_source
+        if data.test_given
+        else f"the held-out test split of {data.pool} (it chose nothing)",
         "n_images": len(labels),
         "test_acc": float((preds == labels).float().mean()),
         "test_acc_ci95": list(wilson_interval(int((preds == labels).sum()), len(labels))),
@@ -163,7 +166,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             torch.tensor(metrics["confusion_matrix"]), classes
         ),
         "misclassified": image_grid_figure(
-            decode_all([split.paths[i] for i in shown], data.image_size),
+            decode_all([split.paths[i] for i in shown], data.image_size, data.resize),
             [
                 f"true: {classes[labels[i]]}\npred: {classes[preds[i]]} ({probs[i, preds[i]]:.2f})"
                 for i in shown

@@ -21,6 +21,13 @@ from src.model.network import TransferNet
 from src.run.errors import UserError, exit_on_user_error
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
+PREPROCESSING = {  # how the checkpoint's data.resize makes an image square (fit_square)
+    "squash": "resize the whole image to {size}x{size} (bilinear, no crop)",
+    "pad": "resize the long side to {size} (bilinear, aspect ratio kept), centre it on a "
+    "{size}x{size} square filled with the image's mean colour (rounded)",
+    "crop": "resize the short side to {size} (bilinear, antialiased), then crop the centre "
+    "{size}x{size}",
+}
 
 
 def contract(model: TransferNet, fmt: str, file: str) -> dict[str, Any]:
@@ -36,7 +43,8 @@ def contract(model: TransferNet, fmt: str, file: str) -> dict[str, Any]:
             "dtype": "uint8",
             "channels": "RGB",
             "layout": "NCHW",
-            "preprocessing": f"resize the whole image to {size}x{size} (bilinear, no crop)",
+            "resize": model.resize,
+            "preprocessing": PREPROCESSING[model.resize].format(size=size),
         },
         "normalisation": {
             "applied": "inside the model: (images / 255 - mean) / std",

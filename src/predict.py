@@ -46,8 +46,9 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     """Print and write (`predictions.csv`, `predictions.json`) the top-k classes of each input.
 
     Inputs are an image or a folder searched recursively, decoded in streaming batches; an
-    unreadable file is a row with its error. When the images sit in sub-folders named after
-    the checkpoint's classes (validation/<class>/...), the accuracy is printed too.
+    unreadable file is a row with its error; a table (CSV, TSV, JSONL) lists the images. When
+    the images sit in folders named after the checkpoint's classes (validation/<class>/...,
+    test/<class>/...) or the table has a label column, the accuracy is printed too.
     """
     if cfg.top_k < 1:
         raise UserError(f"top_k={cfg.top_k} must be at least 1. Fix: top_k=3")
@@ -56,7 +57,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     classes = list(model.classes)
     scores, errors = logits_of_files(model, paths, pick_device(cfg.device))
     tops = top_k(scores.nan_to_num(0).softmax(1), classes, cfg.top_k)
-    truth = input_classes(paths, cfg.inputs) if Path(cfg.inputs).is_dir() else None
+    truth = input_classes(paths, cfg.inputs, classes)
     records = [
         {"image": str(path)}
         | (
@@ -84,9 +85,10 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
         read = [i for i in range(len(paths)) if i not in errors]
         right = sum(tops[i][0][0] == truth[i] for i in read)
         low, high = wilson_interval(right, len(read)) if read else (float("nan"),) * 2
+        given = "table" if Path(cfg.inputs).is_file() else "folder"
         print(
             f"accuracy {right / max(1, len(read)):.4f} ({right} of {len(read)} images by their "
-            f"folder's class; 95% interval {low:.4f}-{high:.4f})"
+            f"{given}'s class; 95% interval {low:.4f}-{high:.4f})"
         )
     if errors:
         print(f"{len(errors)} file(s) could not be read: their rows say why")

@@ -82,6 +82,7 @@ def build_model(cfg: DictConfig, data: Any) -> TransferModel:
         backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
         classes=data.classes,
         image_size=cfg.image_size,
+        resize=data.resize,
         freeze=cfg.freeze,
         optimizer=instantiate(cfg.optimizer),
         finetune=OmegaConf.to_container(cfg.finetune, resolve=True),

@@ -65,9 +65,10 @@ class StreamingDataset(LabelledDataset):
         size: int,
         transform: Callable | None = None,
         seed: int = 0,
+        resize: str = "squash",
     ) -> None:
         super().__init__(labels, transform, seed)
-        self.paths, self.size = paths, size
+        self.paths, self.size, self.resize = paths, size, resize
 
     def item(self, index: int) -> torch.Tensor:
-        return decode(self.paths[index], self.size)
+        return decode(self.paths[index], self.size, self.resize)

@@ -67,6 +67,8 @@ def cache_key(
         "versions": versions(),
         "files": files,
     }
+    if data.resize != "squash":  # squash keys stay as they were: their caches stay valid
+        key["resize"] = data.resize
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -155,13 +157,18 @@ def extract_folder(
     data module keeps them), else streamed through DataLoader workers."""
     paths = data.all_images()
     if not data.streaming:
-        images = decode_all(paths, data.image_size)
+        images = decode_all(paths, data.image_size, data.resize)
         return extract(model, chunks(images, batch_size), device, bf16, total=len(paths))
 
     def images() -> Iterator[torch.Tensor]:
         for _, batch, errors in progress(
             stream_images(
-                paths, data.image_size, batch_size, data.workers or None, device.type == "cuda"
+                paths,
+                data.image_size,
+                batch_size,
+                data.workers or None,
+                device.type == "cuda",
+                data.resize,
             ),
             -(-len(paths) // batch_size),
             "extracting features",

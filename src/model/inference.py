@@ -95,7 +95,11 @@ def logits_of_files(
 
     def images() -> Iterator[torch.Tensor]:
         for indices, batch, bad in stream_images(
-            paths, model.image_size, batch_size, pin_memory=device.type == "cuda"
+            paths,
+            model.image_size,
+            batch_size,
+            pin_memory=device.type == "cuda",
+            resize=model.resize,
         ):
             errors.update(bad)
             if indices:

@@ -64,8 +64,9 @@ class TransferModel(TransferNet, L.LightningModule):
         scheduler: dict[str, Any] | None = None,
         class_weights: list[float] | None = None,
         record: dict[str, Any] | None = None,
+        resize: str = "squash",
     ) -> None:
-        super().__init__(backbone, classes, image_size)
+        super().__init__(backbone, classes, image_size, resize)
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "record"], logger=False)
         self.record = record or {}
         self.optimizer = optimizer

@@ -17,15 +17,22 @@ from src.run.runtime import memory_format, normalisation, train_strided_depthwis
 class TransferNet(nn.Module):
     """Backbone (body + the model's own pre-logits pooling) -> Linear(num_features, classes).
 
-    Takes uint8 RGB images (N, 3, H, W), resized to `image_size` square, and normalises them
-    itself, so a checkpoint carries its preprocessing. A batch of 2-D inputs is taken as
+    Takes uint8 RGB images (N, 3, H, W), made `image_size` square by `resize` (squash, pad or
+    crop: src.data.images.fit_square), and normalises them itself, so a checkpoint carries its
+    preprocessing. A batch of 2-D inputs is taken as
     precomputed pooled features (the cached path of a frozen backbone) by `logits`.
     """
 
-    def __init__(self, backbone: dict[str, Any], classes: list[str], image_size: int = 160) -> None:
+    def __init__(
+        self,
+        backbone: dict[str, Any],
+        classes: list[str],
+        image_size: int = 160,
+        resize: str = "squash",
+    ) -> None:
         super().__init__()
         self.classes = list(classes)
-        self.image_size = image_size
+        self.image_size, self.resize = image_size, resize
         self.backbone_config = backbone
         net: Backbone = instantiate(backbone, image_size=image_size)
         self.backbone = net.module
@@ -68,7 +75,8 @@ def load_model(ckpt_path: str | Path) -> TransferNet:
     ckpt = upgrade(read_checkpoint(ckpt_path))
     hparams = ckpt["hyper_parameters"]
     backbone = {**hparams["backbone"], "weights": None}
-    model = TransferNet(backbone, hparams["classes"], hparams["image_size"])
+    resize = hparams.get("resize", "squash")  # checkpoints from before data.resize squashed
+    model = TransferNet(backbone, hparams["classes"], hparams["image_size"], resize)
     model.load_state_dict(ckpt["state_dict"])
     model.record = ckpt.get(RECORD, {})
     return model.eval()

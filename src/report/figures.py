@@ -105,7 +105,7 @@ def log_final_figures(
     )
     split = data.test_split
     picks = [split.labels.index(c) for c in sorted(set(split.labels))][:GRADCAM_IMAGES]
-    images = decode_all([split.paths[i] for i in picks], data.image_size)
+    images = decode_all([split.paths[i] for i in picks], data.image_size, data.resize)
     probs = logits(model, [images], model.device).softmax(1)
     predicted = probs.argmax(1).tolist()
     heatmaps = gradcam(model, chunks(images, 16), predicted, target_layer(model), model.device)

@@ -49,6 +49,12 @@ RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
         "8",
     ),
     "data.on_bad_image": (lambda v: v in ("fail", "skip"), "fail or skip", "skip"),
+    "data.layout": (
+        lambda v: v in ("auto", "published", "splits", "classes", "table"),
+        "auto, published, splits, classes or table",
+        "auto",
+    ),
+    "data.resize": (lambda v: v in ("squash", "pad", "crop"), "squash, pad or crop", "pad"),
     "data.num_workers": (
         lambda v: v == "auto" or whole(0)(v),
         "auto or a whole number, at least 0",
@@ -93,7 +99,8 @@ def check_config(cfg: DictConfig) -> None:
     if isinstance(data, DictConfig) and OmegaConf.is_missing(data, "root"):
         raise UserError(
             "data.root is not set. Fix: data.root=/path/to/folder (holding training/<class>/"
-            "<images>), or data=footwear for the embedded images"
+            "<images>, train/ val/ test/, or a folder per class) or to a labels.csv, or "
+            "data=footwear for the embedded images"
         )
     for key in RULES:
         value = OmegaConf.select(cfg, key, default=ABSENT)
