@@ -14,6 +14,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 
 from src.data.datasets import ImagesDataset, StreamingDataset
+from src.data.exclude import drop_excluded
 from src.data.folder import Split, read_folder
 from src.data.images import decode_all, usable_cores, worker_start
 from src.data.memory import memory_limit
@@ -88,6 +89,7 @@ class ImageFolderData(L.LightningDataModule):
         scan_cache: str | None = None,
         pin_memory: bool | None = None,
         sampler: str = "shuffle",
+        exclude: str | None = None,
     ) -> None:
         super().__init__()
         if sampler not in SAMPLERS:
@@ -114,6 +116,7 @@ class ImageFolderData(L.LightningDataModule):
         )
         if validation is not None:
             parts["test"] = list(range(len(training.paths), len(everything.paths)))
+        parts, self.excluded = drop_excluded(parts, everything.paths, exclude, self.root)
         self.test_is_val = not parts["test"]
         if self.test_is_val:
             parts["test"] = parts["val"]
@@ -230,6 +233,7 @@ class ImageFolderData(L.LightningDataModule):
             "folds": self.folds,
             "fold": self.fold,
             "test_is_val": self.test_is_val,
+            "exclude": self.excluded,
             "splits": {
                 name: {"count": len(s.paths), "sha256": split_hash(s, self.root, self.classes)}
                 for name, s in self.splits().items()
@@ -239,6 +243,7 @@ class ImageFolderData(L.LightningDataModule):
     def check_split(self, record: dict[str, Any]) -> None:
         """A one-line UserError when this module's split differs from `record`'s."""
         settings = " ".join(f"data.{k}={shown(v)}" for k, v in split_settings(record).items())
+        settings += f" data.exclude={(record.get('exclude') or {}).get('file')}"
         then = record.get("splits")
         if not isinstance(then, dict):
             raise UserError(
