@@ -1,22 +1,22 @@
 """Exact and near copies of images, within and across splits; a pair across train/val and test
-is leakage. Exact: the same decoded pixels. Near: features' cosine similarity at least
-`cosine`, or perceptual hashes at most `phash_bits` apart with cosine at least `phash_cosine`."""
+is leakage. Exact: the same decoded pixels. Near: 16 x 16 greyscale thumbnails correlated at
+least `pixels` (resized, re-encoded, recoloured), or features' cosine similarity at least
+`cosine` (cropped, shifted)."""
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from src.quality.hashes import hamming_pairs
+from src.quality.neighbours import nearest
 
 
 @dataclass
 class CopyRules:
     """What counts as a near copy (measured defaults: docs/audit.md)."""
 
+    pixels: float = 0.995
     cosine: float = 0.95
-    phash_bits: int = 8
-    phash_cosine: float = 0.85
+    neighbours: int = 5  # candidates per image: a group of more copies is listed in part
 
 
 def is_leak(split_a: str, split_b: str) -> bool:
@@ -33,45 +33,29 @@ def exact_pairs(digests: list[str]) -> dict[tuple[int, int], str]:
         if digest in first:
             pairs[(first[digest], i)] = "exact"
         else:
-            first.setdefault(digest, i)
+            first[digest] = i
     return pairs
 
 
-def near_pairs(
-    hashes: np.ndarray,
-    sims: torch.Tensor,
-    ids: torch.Tensor,
-    cosine: torch.Tensor,
-    rules: CopyRules,
-) -> set[tuple[int, int]]:
-    """Pairs (i < j) that are near copies: among each image's nearest neighbours (`sims`,
-    `ids`), those at cosine >= rules.cosine; and pHash pairs confirmed by their cosine."""
-    found = set()
-    for i, j in (sims >= rules.cosine).nonzero().tolist():
-        a, b = i, int(ids[i, j])
-        found.add((min(a, b), max(a, b)))
-    for a, b, _ in hamming_pairs(hashes, hashes, rules.phash_bits, same=True):
-        if float(cosine(a, b)) >= rules.phash_cosine:
-            found.add((a, b))
-    return found
+def close_pairs(sims: torch.Tensor, ids: torch.Tensor, least: float) -> set[tuple[int, int]]:
+    """Pairs (i < j) among the nearest neighbours (`sims`, `ids`) at similarity >= `least`."""
+    rows, cols = (sims >= least).nonzero(as_tuple=True)
+    return {(min(a, b), max(a, b)) for a, b in zip(rows.tolist(), ids[rows, cols].tolist())}
 
 
 def find_copies(
     digests: list[str],
-    hashes: np.ndarray,
-    features: torch.Tensor,
+    thumbs: torch.Tensor,
     neighbours: tuple[torch.Tensor, torch.Tensor],
     splits: list[str],
     rules: CopyRules,
 ) -> list[tuple[int, int, str, float]]:
-    """(a, b, kind, cosine) per copy pair, leaks first, then by cosine (highest first)."""
-    unit = torch.nn.functional.normalize(features.float(), dim=1)
-
-    def cosine(a: int, b: int) -> float:
-        return float(unit[a] @ unit[b])
-
+    """(a, b, kind, thumbnail correlation) per copy pair, leaks first, then most alike first.
+    `neighbours`: the features' nearest neighbours (src.quality.neighbours.nearest)."""
+    by_pixels = nearest(thumbs, rules.neighbours)
     pairs = exact_pairs(digests)
-    for pair in near_pairs(hashes, *neighbours, cosine, rules):
+    for pair in close_pairs(*by_pixels, rules.pixels) | close_pairs(*neighbours, rules.cosine):
         pairs.setdefault(pair, "near")
-    rows = [(a, b, kind, cosine(a, b)) for (a, b), kind in pairs.items()]
+    unit = torch.nn.functional.normalize(thumbs, dim=1)
+    rows = [(a, b, kind, float(unit[a] @ unit[b])) for (a, b), kind in pairs.items()]
     return sorted(rows, key=lambda r: (not is_leak(splits[r[0]], splits[r[1]]), -r[3], r[0], r[1]))

@@ -85,9 +85,9 @@ def audit_images(images: Images, settings: dict[str, Any], hash_cache: Path | No
         settings["l2"],
         settings["seed"],
     )
-    digests, hashes = fingerprints(images.paths, hash_cache)
+    digests, thumbs = fingerprints(images.paths, hash_cache)
     rules = CopyRules(**settings["copies"])
-    copies = find_copies(digests, hashes, images.features, (sims, ids), images.splits, rules)
+    copies = find_copies(digests, thumbs, (sims, ids), images.splits, rules)
     far = outliers(sims, settings["outlier_z"])
     c, s = images.classes, images.splits
     rows = {

@@ -29,6 +29,7 @@ def out_of_fold_probabilities(
             labels[held_ids],
             num_classes,
             l2_grid=[l2],
+            tol=1e-4,
             refit_tol=None,
         )
         logits = F.linear(features[held_ids].float(), probe.weight, probe.bias)
@@ -41,7 +42,7 @@ def label_issues(
     labels: torch.Tensor,
     num_classes: int,
     folds: int = 5,
-    l2: float = 1e-2,
+    l2: float = 1.0,
     seed: int = 0,
 ) -> list[tuple[int, int, float]]:
     """(index, suggested class, score) of the images cleanlab finds labelled wrong, most likely
