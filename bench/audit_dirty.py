@@ -11,6 +11,7 @@ other pairs listed, the rank of each planted outlier; and the same counts on the
 
 import argparse
 import gzip
+import json
 import random
 import shutil
 import time
@@ -53,12 +54,10 @@ def fashion_mnist(dst: Path, per_class: int, test_per_class: int) -> Path:
         ("training", "train", per_class),
         ("validation", "t10k", test_per_class),
     ):
-        images = np.frombuffer(
-            gzip.open(FMNIST / f"{stem}-images-idx3-ubyte.gz").read(), np.uint8, offset=16
-        )
-        labels = np.frombuffer(
-            gzip.open(FMNIST / f"{stem}-labels-idx1-ubyte.gz").read(), np.uint8, offset=8
-        )
+        with gzip.open(FMNIST / f"{stem}-images-idx3-ubyte.gz") as f:
+            images = np.frombuffer(f.read(), np.uint8, offset=16)
+        with gzip.open(FMNIST / f"{stem}-labels-idx1-ubyte.gz") as f:
+            labels = np.frombuffer(f.read(), np.uint8, offset=8)
         images = images.reshape(-1, 28, 28)
         seen = [0] * 10
         for i, y in enumerate(labels.tolist()):
@@ -169,20 +168,24 @@ def main() -> None:
     torch.manual_seed(0)
     for state in ("clean", "dirty"):
         root = args.work / args.dataset / state
-        if root.exists():
-            shutil.rmtree(root)
-        if args.dataset == "footwear":
-            shutil.copytree("data/footwear", root)
-        else:
-            fashion_mnist(root, args.per_class, args.per_class // 5)
-        planted = make_dirty(root, 0.05, 10) if state == "dirty" else None
+        record = args.work / args.dataset / f"{state}-planted.json"
+        if not record.is_file():  # made once: a rebuilt folder would need its features again
+            shutil.rmtree(root, ignore_errors=True)
+            if args.dataset == "footwear":
+                shutil.copytree("data/footwear", root)
+            else:
+                fashion_mnist(root, args.per_class, args.per_class // 5)
+            planted = make_dirty(root, 0.05, 10) if state == "dirty" else None
+            record.write_text(json.dumps(planted))
+        planted = json.loads(record.read_text())
+        if planted:
+            planted["copies"] = [tuple(pair) for pair in planted["copies"]]
         start = time.perf_counter()
         images, settings, hashes = features_of(
             root, args.backbone, args.image_size, args.work / args.dataset / f"{state}-work"
         )
-        print(
-            f"{args.dataset} {state}: {len(images.paths)} images, features {time.perf_counter() - start:.1f} s"
-        )
+        took = time.perf_counter() - start
+        print(f"{args.dataset} {state}: {len(images.paths)} images, features {took:.1f} s")
         for l2 in args.l2 or [settings["l2"]]:
             start = time.perf_counter()
             row = score(images, settings | {"l2": l2}, hashes, planted)

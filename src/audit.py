@@ -10,11 +10,11 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from src.data.scan import scan_cache_file
 from src.frozen.cache import cached_features
 from src.model.inference import pick_device
 from src.model.network import TransferNet
 from src.quality.findings import Findings, Images, audit_images
+from src.quality.hashes import hash_cache_file
 from src.quality.page import counts, write_pages
 from src.run.errors import exit_on_user_error
 from src.run.runtime import quiet_lightning, resolve_precision
@@ -35,8 +35,7 @@ def audit(cfg: DictConfig) -> Findings:
         model, data, backbone, cfg.cache_dir, device, "bf16" in precision, cfg.batch_size
     )
     images = Images.of(data, features)
-    scan = cfg.data.get("scan_cache")
-    hash_cache = scan_cache_file(scan, data.root).with_suffix(".hashes.json") if scan else None
+    hash_cache = hash_cache_file(cfg.data.get("scan_cache"), data.root)
     settings = OmegaConf.to_container(cfg.audit, resolve=True)
     findings = audit_images(images, settings, hash_cache)
     out = Path(cfg.output_dir)

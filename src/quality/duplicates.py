@@ -40,7 +40,9 @@ def exact_pairs(digests: list[str]) -> dict[tuple[int, int], str]:
 def close_pairs(sims: torch.Tensor, ids: torch.Tensor, least: float) -> set[tuple[int, int]]:
     """Pairs (i < j) among the nearest neighbours (`sims`, `ids`) at similarity >= `least`."""
     rows, cols = (sims >= least).nonzero(as_tuple=True)
-    return {(min(a, b), max(a, b)) for a, b in zip(rows.tolist(), ids[rows, cols].tolist())}
+    return {
+        (min(a, b), max(a, b)) for a, b in zip(rows.tolist(), ids[rows, cols].tolist(), strict=True)
+    }
 
 
 def find_copies(

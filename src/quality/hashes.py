@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from src.data.images import usable_cores
+from src.data.scan import scan_cache_file
 
 log = logging.getLogger(__name__)
 HASH_FORMAT = 2  # bump when either fingerprint changes
@@ -76,3 +77,8 @@ def write_cache(path: Path, images: dict[str, list]) -> None:
     except OSError as err:
         log.warning("cannot write the fingerprint cache %s: %s", path, err)
         partial.unlink(missing_ok=True)
+
+
+def hash_cache_file(scan_cache: str | Path | None, root: Path) -> Path | None:
+    """The fingerprint cache of the folder `root`, beside its scan cache (None without one)."""
+    return scan_cache_file(scan_cache, root).with_suffix(".hashes.json") if scan_cache else None
