@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from src.data.sampling import class_counts, warn_if_imbalanced
 from src.frozen.head import HeadPlan, frozen_throughout
 from src.model.module import TransferModel, parameter_summary, trainable_parameters
+from src.quality.leaks import warn_if_leaks
 from src.report.stats import accuracy_ci
 from src.report.summary import write_cv
 from src.run.callbacks import AtomicCheckpointIO, EpochTimer, RunCheckpoint
@@ -152,6 +153,7 @@ def train(cfg: DictConfig) -> float:
     L.seed_everything(cfg.seed, workers=True)
     data = instantiate(cfg.data)
     check_resume(cfg.ckpt_path, cfg, data.classes)
+    warn_if_leaks(data, cfg.data.get("scan_cache"))
     if cfg.class_weights is None and cfg.sampler == "shuffle":
         warn_if_imbalanced(data.train_split, data.classes)
     model = build_model(cfg, data)

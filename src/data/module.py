@@ -14,6 +14,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 
 from src.data.datasets import ImagesDataset, StreamingDataset
+from src.data.exclude import drop_excluded
 from src.data.folder import Split
 from src.data.images import check_resize, decode_all, usable_cores, worker_start
 from src.data.layouts import describe, read_source
@@ -66,6 +67,7 @@ class ImageFolderData(L.LightningDataModule):
         path_column: str | None = None,
         label_column: str | None = None,
         resize: str = "squash",
+        exclude: str | None = None,
     ) -> None:
         super().__init__()
         if sampler not in SAMPLERS:
@@ -94,6 +96,7 @@ class ImageFolderData(L.LightningDataModule):
         carved = {role: how.format(pool=self.pool) for role, how in carved.items()}
         self.test_source = source.origin.get("test") or carved["test"]
         log.info(describe(source, self.root, carved))
+        parts, self.excluded = drop_excluded(parts, everything.paths, exclude, self.root)
         self.test_is_val = not parts["test"]
         if self.test_is_val:
             parts["test"] = parts["val"]
@@ -210,6 +213,7 @@ class ImageFolderData(L.LightningDataModule):
             "folds": self.folds,
             "fold": self.fold,
             "test_is_val": self.test_is_val,
+            "exclude": self.excluded,
             "splits": {
                 name: {"count": len(s.paths), "sha256": split_hash(s, self.base, self.classes)}
                 for name, s in self.splits().items()
