@@ -170,7 +170,7 @@ def train(cfg: DictConfig) -> float:
     trainer.fit(model, data, ckpt_path=cfg.ckpt_path)
     after = trainer.test(model, data, ckpt_path="best", verbose=False)[0]
     trust = calibrate_and_store(
-        cfg, trainer, model, data, features, checkpoint, "bf16" in precision
+        cfg, trainer, model, data, features, checkpoint, probe, "bf16" in precision
     )
     best = read_checkpoint(checkpoint.best_model_path, mmap=True)
     n_test = tested_images(trainer, data)

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from src.frozen.cache import cached_features
 from src.frozen.head import frozen_throughout
+from src.frozen.probe import fit_probe
 from src.run.callbacks import AtomicCheckpointIO
 from src.run.checkpoints import RECORD, read_checkpoint
 from src.trust.calibration import expected_calibration_error, fit_temperature
@@ -36,13 +37,34 @@ def split_outputs(
         return {name: (f, head(f.float())) for name, f in features.items()}
 
 
+def held_out_val_logits(
+    outputs: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    labels: dict[str, torch.Tensor],
+    cfg: DictConfig,
+    probe: dict[str, float] | None,
+) -> torch.Tensor:
+    """The val logits of a head that never saw val: the final head's, except where a probe was
+    refitted on train+val (`probe.refit=trainval`): then those of the probe fitted on train
+    alone at the chosen strength, whose calibration the refitted head shares."""
+    (val_features, val_logits), train_features = outputs["val"], outputs["train"][0]
+    if probe is None or cfg.head_fit != "probe" or cfg.probe.refit != "trainval":
+        return val_logits
+    fit = fit_probe(
+        train_features, labels["train"], val_features, labels["val"],
+        val_logits.shape[1], l2_grid=[probe["l2"]],
+    )  # fmt: skip
+    return val_features.float() @ fit.weight.T + fit.bias
+
+
 def trust_record(
     outputs: dict[str, tuple[torch.Tensor, torch.Tensor]], labels: dict[str, torch.Tensor],
     cfg: DictConfig,
+    probe: dict[str, float] | None,
 ) -> tuple[dict[str, Any], dict[str, float]]:  # fmt: skip
     """The checkpoint's trust entry and the figures result.json reports: the temperature is
-    fitted on the val split only; the threshold keeps `ood.coverage` of it."""
-    (_, val_logits), (_, test_logits) = outputs["val"], outputs["test"]
+    fitted on the val split only (`held_out_val_logits`); the threshold keeps `ood.coverage` of
+    it."""
+    val_logits, test_logits = held_out_val_logits(outputs, labels, cfg, probe), outputs["test"][1]
     temperature = fit_temperature(val_logits, labels["val"]) if cfg.calibrate else 1.0
     record: dict[str, Any] = {"temperature": temperature}
     ece = {
@@ -66,14 +88,14 @@ def trust_record(
     return record, ece | {"ood/score": kind, "ood/test_unknown": flagged}
 
 
-def store(record: dict[str, Any], best: Path, last: Path | None) -> int:
+def store(record: dict[str, Any], best: Path, last: Path) -> int:
     """Write `record` into best.ckpt's RECORD entry, and into last.ckpt where it holds the same
     weights (else last.ckpt is a later state the record does not describe). Atomic writes;
     returns the bytes best.ckpt grew by."""
     before = best.stat().st_size
     best_ckpt = read_checkpoint(best)
     targets = [(best, best_ckpt)]
-    if last is not None and last.is_file():
+    if last.is_file():
         last_ckpt = read_checkpoint(last)
         same = last_ckpt["state_dict"].keys() == best_ckpt["state_dict"].keys() and all(
             torch.equal(v, best_ckpt["state_dict"][key])
@@ -96,6 +118,7 @@ def calibrate_and_store(
     data: Any,
     features: dict[str, torch.Tensor] | None,
     checkpoint: Any,
+    probe: dict[str, float] | None,
     bf16: bool,
 ) -> dict[str, Any]:
     """After the final test: rank 0 fits the temperature and the OOD threshold on the best
@@ -109,8 +132,8 @@ def calibrate_and_store(
         outputs = split_outputs(model, data, features, cfg, bf16)
         model.to(device)
         labels = {name: torch.tensor(split.labels) for name, split in data.splits().items()}
-        record, figures = trust_record(outputs, labels, cfg)
-        last = Path(checkpoint.last_model_path) if checkpoint.last_model_path else None
+        record, figures = trust_record(outputs, labels, cfg, probe)
+        last = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}.ckpt"
         figures["trust_ckpt_bytes"] = store(record, Path(checkpoint.best_model_path), last)
         log.info("calibration and OOD data stored in %s: %s", checkpoint.best_model_path, figures)
     return trainer.strategy.broadcast(figures)
