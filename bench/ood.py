@@ -100,7 +100,8 @@ def outputs(model, paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
         features = model.features(images)
         return torch.cat([model.head(features), features], 1)
 
-    rows, errors = logits_of_files(model, paths, torch.device("cpu"), 64, both, None)
+    width = classes + model.head.in_features
+    rows, errors = logits_of_files(model, paths, torch.device("cpu"), 64, both, width)
     assert not errors, errors
     return rows[:, classes:], rows[:, :classes]
 

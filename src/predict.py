@@ -73,6 +73,22 @@ def format_table(
     return "\n".join(line.rstrip() for line in lines)
 
 
+def write_csv(path: Path, records: list[dict[str, Any]]) -> None:
+    """One row per image and rank (the score and `unknown` repeated), or the image's error."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "rank", "class", "probability", "score", "unknown", "error"])
+        for r in records:
+            if "error" in r:
+                writer.writerow([r["image"], "", "", "", "", "", r["error"]])
+                continue
+            ood = [f"{r['score']:.6f}", r["unknown"]] if "unknown" in r else ["", ""]
+            writer.writerows(
+                [r["image"], rank + 1, top["class"], f"{top['probability']:.6f}", *ood, ""]
+                for rank, top in enumerate(r["top"])
+            )
+
+
 def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     """Print and write (`predictions.csv`, `predictions.json`) the top-k classes of each input.
 
@@ -86,9 +102,10 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     check_coverage(cfg.ood)
     model = load_checkpoint(cfg.ckpt_path)
     classes = list(model.classes)
-    out, errors = trusted_outputs(model, paths, pick_device(cfg.device), cfg.ckpt_path, cfg.ood)
-    tops = top_k(out.probs, classes, cfg.top_k)
-    flags = out.unknown.tolist() if out.unknown is not None else None
+    trusted, errors = trusted_outputs(model, paths, pick_device(cfg.device), cfg.ckpt_path, cfg.ood)
+    tops = top_k(trusted.probs, classes, cfg.top_k)
+    flags = trusted.unknown.tolist() if trusted.unknown is not None else None
+    scores = trusted.score.tolist() if flags else None
     truth = input_classes(paths, cfg.inputs) if Path(cfg.inputs).is_dir() else None
     records = [
         {"image": str(path)}
@@ -96,26 +113,16 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
             {"error": errors[i]}
             if i in errors
             else {"top": [{"class": c, "probability": p} for c, p in tops[i]]}
-            | ({"score": float(out.score[i]), "unknown": flags[i]} if flags else {})
+            | ({"score": scores[i], "unknown": flags[i]} if flags else {})
         )
         | ({"true": truth[i]} if truth else {})
         for i, path in enumerate(paths)
     ]
     out = Path(cfg.output_dir)
     (out / "predictions.json").write_text(json.dumps(records, indent=2))
-    with open(out / "predictions.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["image", "rank", "class", "probability", "score", "unknown", "error"])
-        for i, path in enumerate(paths):
-            if i in errors:
-                writer.writerow([path, "", "", "", "", "", errors[i]])
-            else:
-                ood = [f"{float(out.score[i]):.6f}", flags[i]] if flags else ["", ""]
-                writer.writerows(
-                    [path, rank + 1, c, f"{p:.6f}", *ood, ""] for rank, (c, p) in enumerate(tops[i])
-                )
+    write_csv(out / "predictions.csv", records)
     print(format_table(paths, tops, errors, flags))
-    print(trust_line(out, [i for i in range(len(paths)) if i not in errors]))
+    print(trust_line(trusted, [i for i in range(len(paths)) if i not in errors]))
     if truth and set(truth) <= set(classes):
         read = [i for i in range(len(paths)) if i not in errors]
         right = sum(tops[i][0][0] == truth[i] for i in read)
