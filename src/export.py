@@ -54,10 +54,35 @@ def contract(model: TransferNet, fmt: str, file: str) -> dict[str, Any]:
         "output": {
             "name": "logits",
             "shape": ["batch", len(model.classes)],
-            "meaning": "class logits; softmax gives probabilities",
+            "meaning": "class logits (uncalibrated); softmax(logits / temperature) gives the "
+            "calibrated probabilities src.predict shows",
         },
         "classes": list(model.classes),
+        **trust_contract(model),
     }
+
+
+def trust_contract(model: TransferNet) -> dict[str, Any]:
+    """The temperature, and where the `unknown` check lives: in src.predict only, since the
+    k-NN score needs the training features (megabytes) beside every copy of the model."""
+    trust = model.record.get("trust")
+    temperature = float(trust["temperature"]) if trust else 1.0
+    ood = trust.get("ood") if trust else None
+    unknown = (
+        {
+            "in_model": False,
+            "where": "src.predict only (python -m src.predict ckpt_path=<the checkpoint>)",
+            "score": ood["score"],
+            "k": ood["k"],
+            "threshold": ood["threshold"],
+            "coverage": ood["coverage"],
+            "why": "the exported graph stays the tested one (logits); the k-NN score needs the "
+            "checkpoint's training features, which a serving stack keeps in its own index",
+        }
+        if ood
+        else {"in_model": False, "where": "none: the checkpoint stores no OOD data"}
+    )
+    return {"temperature": temperature, "calibrated": trust is not None, "unknown": unknown}
 
 
 @contextmanager

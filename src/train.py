@@ -32,6 +32,7 @@ from src.run.runtime import (
     quiet_lightning,
     resolve_precision,
 )
+from src.trust.fit import calibrate_and_store
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: see `__main__` below
@@ -171,6 +172,9 @@ def train(cfg: DictConfig) -> float:
     probe = plan.fit_before_training(model, data, features, cfg, logger)
     trainer.fit(model, data, ckpt_path=cfg.ckpt_path)
     after = trainer.test(model, data, ckpt_path="best", verbose=False)[0]
+    trust = calibrate_and_store(
+        cfg, trainer, model, data, features, checkpoint, probe, "bf16" in precision
+    )
     best = read_checkpoint(checkpoint.best_model_path, mmap=True)
     n_test = tested_images(trainer, data)
     result = {
@@ -180,6 +184,7 @@ def train(cfg: DictConfig) -> float:
         **before,
         **after,
         **test_intervals(before | after, n_test),
+        **trust,
         "n_test": n_test,
         "split": model.record["split"],
         "trainable_params": sum(p.numel() for p in trainable_parameters(model)),

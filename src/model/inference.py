@@ -82,14 +82,20 @@ def logits(
 
 
 def logits_of_files(
-    model: TransferNet, paths: list[Path], device: torch.device, batch_size: int = 64
+    model: TransferNet,
+    paths: list[Path],
+    device: torch.device,
+    batch_size: int = 64,
+    fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    width: int | None = None,
 ) -> tuple[torch.Tensor, dict[int, str]]:
-    """Class logits of image files, decoded in streaming batches, and {index: why} for the files
-    that could not be read (their rows are NaN): a bad file is a row, not the end of the run."""
+    """Class logits (or `fn`'s `width` outputs per image) of image files, decoded in streaming
+    batches, and {index: why} for the files that could not be read (their rows are NaN): a bad
+    file is a row, not the end of the run."""
     from src.data.images import stream_images
 
     model.eval().to(device)
-    scores = torch.full((len(paths), len(model.classes)), float("nan"))
+    scores = torch.full((len(paths), width or len(model.classes)), float("nan"))
     errors: dict[int, str] = {}
     decoded: list[list[int]] = []  # the indices of each batch `outputs` takes, in order
 
@@ -106,7 +112,7 @@ def logits_of_files(
                 decoded.append(indices)
                 yield batch
 
-    for out in outputs(model, images(), device):
+    for out in outputs(fn or model, images(), device):
         scores[decoded.pop(0)] = out
     return scores, errors
 

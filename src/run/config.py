@@ -73,6 +73,16 @@ RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     ),
     "last_ckpt_every_s": (lambda v: number(v) and v >= 0, "a number of seconds, at least 0", "10"),
     "folds": (lambda v: v is None or whole(2)(v), "null or a whole number, at least 2", "5"),
+    "calibrate": (lambda v: isinstance(v, bool), "true or false", "true"),
+    "ood": (lambda v: v is False or isinstance(v, DictConfig), "false or its settings", "false"),
+    "ood.score": (lambda v: v in ("knn", "msp", "energy"), "knn, msp or energy", "knn"),
+    "ood.k": (whole(1), "a whole number, at least 1", "5"),
+    "ood.coverage": (lambda v: number(v) and 0 < v <= 1, "a number in (0, 1]", "0.95"),
+    "ood.max_features": (
+        lambda v: v is None or whole(1)(v),
+        "null or a whole number, at least 1",
+        "20000",
+    ),
 }
 
 
