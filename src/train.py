@@ -9,7 +9,6 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -23,6 +22,7 @@ from src.report.summary import write_cv
 from src.run.callbacks import AtomicCheckpointIO, EpochTimer, RunCheckpoint
 from src.run.checkpoints import check_resume, read_checkpoint, run_settings
 from src.run.config import check_config
+from src.run.devices import accelerator, compile_backbone, trainer_settings
 from src.run.errors import exit_on_user_error, record_failure
 from src.run.runtime import (
     MEMORY_FORMATS,
@@ -34,14 +34,6 @@ from src.run.runtime import (
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: see `__main__` below
-
-
-def accelerator(cfg: DictConfig) -> str:
-    """`gpu` or `cpu`: what the Trainer's accelerator setting resolves to here."""
-    wanted = str(cfg.trainer.get("accelerator", "auto"))
-    if wanted in {"gpu", "cuda"} or (wanted == "auto" and torch.cuda.is_available()):
-        return "gpu"
-    return "cpu"
 
 
 def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
@@ -92,8 +84,9 @@ def build_model(cfg: DictConfig, data: Any) -> TransferModel:
     )
     if cfg.memory_format != "auto":
         model.memory_format = MEMORY_FORMATS[cfg.memory_format]
-    if cfg.compile:
-        model.backbone.compile()
+    model.compile_backbone = compile_backbone(
+        cfg.compile, accelerator(cfg), cfg.trainer.max_epochs * data.train_batches()
+    )
     return model
 
 
@@ -137,6 +130,7 @@ def build_trainer(
         logger=logger,
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
+        **trainer_settings(cfg),
         **plan.epochs,
     )
     return trainer, timer, checkpoint
