@@ -49,16 +49,21 @@ def main() -> None:
     args = parser.parse_args()
     keep_freed_memory()
     print(f"CPU kind {cpu_kind()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print("| backbone | batch | eager first s | eager step s | compiled first s | "
-          "compiled step s | steps to break even |")
+    print(
+        "| backbone | batch | eager first s | eager step s | compiled first s | "
+        "compiled step s | steps to break even |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, batch in SHAPES.items():
         e_first, e_step = steps(name, batch, False, args.steps)
         c_first, c_step = steps(name, batch, True, args.steps)
         gain = e_step - c_step
         even = f"{(c_first - e_first) / gain:.0f}" if gain > 0 else "never"
-        print(f"| {name} | {batch} | {e_first:.2f} | {e_step:.3f} | {c_first:.1f} | "
-              f"{c_step:.3f} | {even} |", flush=True)
+        print(
+            f"| {name} | {batch} | {e_first:.2f} | {e_step:.3f} | {c_first:.1f} | "
+            f"{c_step:.3f} | {even} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -159,7 +159,7 @@ def train(cfg: DictConfig) -> float:
 
         return find_lr(trainer, model, data, Path(cfg.output_dir))
     before = trainer.test(model, data, verbose=False)[0]
-    probe = plan.fit_before_training(model, data, features, cfg, logger)
+    probe = plan.fit_before_training(model, data, features, cfg, logger, trainer)
     trainer.fit(model, data, ckpt_path=cfg.ckpt_path)
     after = trainer.test(model, data, ckpt_path="best", verbose=False)[0]
     best = read_checkpoint(checkpoint.best_model_path, mmap=True)
@@ -192,7 +192,7 @@ def train(cfg: DictConfig) -> float:
         if isinstance(logger, TensorBoardLogger):  # confusion matrix, Grad-CAM
             from src.report.figures import log_final_figures  # matplotlib, Grad-CAM: only when used
 
-            log_final_figures(trainer, model, data, "bf16" in precision)
+            log_final_figures(trainer, checkpoint.best_model_path, data, precision)
     return float(result[cfg.objective])
 
 

@@ -1,6 +1,7 @@
 """Where a run computes, decided before the Trainer starts and without initialising CUDA: the
-accelerator, the strategy for several GPUs, determinism and whether to compile. CUDA stays uninitialised (GPUs counted through NVML, as Lightning does):
-a forked rank (ddp_fork, ddp_notebook, a notebook) cannot use CUDA initialised in its parent.
+accelerator, the strategy for several GPUs, determinism and whether to compile. CUDA stays
+uninitialised (GPUs are counted through NVML, as Lightning counts them): a forked rank
+(ddp_fork, ddp_notebook, a notebook) cannot use CUDA initialised in its parent.
 """
 
 import os
