@@ -120,7 +120,7 @@ def make_folder(root: Path, images: int, size: int) -> Path:
     def write(i: int) -> None:
         noise = np.random.default_rng(i).integers(-60, 60, (size, size, 3))
         pixels = np.clip(colours[i % CLASSES] + noise, 0, 255).astype(np.uint8)
-        split = "validation" if i % 10 == 0 else "training"
+        split = "validation" if (i // CLASSES) % 10 == 0 else "training"
         Image.fromarray(pixels).save(root / split / f"class_{i % CLASSES}" / f"{i}.jpg")
 
     parallel_map(write, range(images), "writing JPEGs")

@@ -12,6 +12,7 @@ import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.data.sampling import class_counts, warn_if_imbalanced
@@ -138,6 +139,12 @@ def build_trainer(
 
 def train(cfg: DictConfig) -> float:
     """Test, train, test again; log and checkpoint under `cfg.output_dir`; return the objective."""
+    return float(train_run(cfg)[cfg.objective])
+
+
+def train_run(cfg: DictConfig) -> dict[str, Any]:
+    """`train`, returning the run's whole result (what rank 0 writes to result.json): every
+    rank has it, also under torchrun or srun, where only rank 0 writes the file."""
     start = time.perf_counter()
     check_config(cfg)
     quiet_lightning()
@@ -193,7 +200,7 @@ def train(cfg: DictConfig) -> float:
             from src.report.figures import log_final_figures  # matplotlib, Grad-CAM: only when used
 
             log_final_figures(trainer, checkpoint.best_model_path, data, precision)
-    return float(result[cfg.objective])
+    return result
 
 
 def report(cfg: DictConfig, result: dict[str, Any]) -> None:
@@ -229,17 +236,18 @@ def cross_validate(cfg: DictConfig) -> float:
             fold_cfg.output_dir = str(out / f"fold-{fold}")
             if fold_cfg.cache_dir is None:  # one extraction for all folds all the same
                 fold_cfg.cache_dir = str(out / "features")
-        train(fold_cfg)
-        rows.append(json.loads((out / f"fold-{fold}" / "result.json").read_text()))
+        rows.append(train_run(fold_cfg))
     metrics = [m for m in dict.fromkeys([cfg.objective, *CV_METRICS]) if m in rows[0]]
-    print(write_cv(out, rows, metrics))
+    if rank_zero_only.rank == 0:
+        print(write_cv(out, rows, metrics))
     means = {m: sum(row[m] for row in rows) / len(rows) for m in metrics}
     result = (
         hyperparameters(cfg)
         | means
         | {"folds": cfg.folds, "wall_s": sum(r["wall_s"] for r in rows)}
     )
-    (out / "result.json").write_text(json.dumps(result, indent=2))  # the job's row in a sweep
+    if rank_zero_only.rank == 0:  # under torchrun or srun every rank runs this
+        (out / "result.json").write_text(json.dumps(result, indent=2))  # the job's row in a sweep
     return means[cfg.objective]
 
 

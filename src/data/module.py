@@ -315,6 +315,7 @@ class ImageFolderData(DeviceAugmentation, L.LightningDataModule):
             persistent_workers=workers > 0,
             multiprocessing_context=worker_start(workers),
             pin_memory=pin,
+            prefetch_factor=4 if workers and pin else None,  # a GPU waits on no decoded batch
             **({"collate_fn": FeaturesDataset.collate} if features else {}),
         )
 
