@@ -222,10 +222,10 @@ def cli_run(name: str, folder: Path, out: Path, args: argparse.Namespace, extra:
     _, size, batch, _, limit = args.shape
     overrides = backbone_overrides(name) + [
         "data=imagefolder", f"data.root={folder}", f"image_size={size}", f"batch_size={batch}",
-        "freeze=false", "trainer.max_epochs=2", f"trainer.limit_train_batches={limit}",
+        "freeze=false", "trainer.max_epochs=2", f"+trainer.limit_train_batches={limit}",
         f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}", "trainer.devices=1",
         "logger=none", f"precision={args.precision}", "data.val_fraction=0.02",
-        "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "last_ckpt_every_s=1000",
+        "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1", "last_ckpt_every_s=1000",
         "optimizer=adamw", *extra,
     ]  # fmt: skip
     cfg = run_config(overrides, out, args.scan)
@@ -390,6 +390,9 @@ def main() -> None:
     args = parser.parse_args()
     keep_freed_memory()
     quiet_lightning()
+    if args.quick:  # a check of the script: one thread each, as fast on a busy shared machine
+        torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"  # the commands it runs
     device = torch.device(args.device)
     args.shape = SHAPES["quick" if args.quick else "full"]
     args.bf16 = device.type == "cuda"
