@@ -58,6 +58,11 @@ COMPILED = ("mobilenet_v2", "resnet50")  # compile=true rows (ViT's compilation:
 SHAPES = {"full": (20000, 224, 256, 20, 30), "quick": (48, 32, 8, 2, 2)}
 
 
+def shown(value: float) -> str:
+    """A rate or time in whole units, or with two significant digits below 100."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.2g}"
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -368,14 +373,14 @@ def per_backbone(name: str, folder: Path, work: Path, args: argparse.Namespace) 
     busy = "n/a (CPU)" if share is None else f"{share:.0%}"
     mfu = base["flops"] * row["memory"]["img_s"] / (args.info["matmul_tflops"] * 1e12)
     compiled = (
-        f"{row['compiled']['img_s']:.0f} (1st epoch {row['compiled']['first_epoch_s']:.0f} s)"
+        f"{shown(row['compiled']['img_s'])} (1st epoch {shown(row['compiled']['first_epoch_s'])} s)"
         if "compiled" in row else "skipped"
     )  # fmt: skip
     return (
-        f"| {name} | {base['img_s']:.0f} | {row['extract']:.0f} | "
-        f"{row['memory']['img_s']:.0f} ({row['memory']['img_s'] / base['img_s']:.2f}x) | "
-        f"{row['streamed']['img_s']:.0f} ({row['streamed']['img_s'] / base['img_s']:.2f}x) | "
-        f"{args.loaders['memory']:.0f} / {args.loaders['streamed']:.0f} | "
+        f"| {name} | {shown(base['img_s'])} | {shown(row['extract'])} | "
+        f"{shown(row['memory']['img_s'])} ({row['memory']['img_s'] / base['img_s']:.2f}x) | "
+        f"{shown(row['streamed']['img_s'])} ({row['streamed']['img_s'] / base['img_s']:.2f}x) | "
+        f"{shown(args.loaders['memory'])} / {shown(args.loaders['streamed'])} | "
         f"{base['peak_gib']:.1f} / {row['memory']['peak_gib']:.1f} | "
         f"{busy} | {mfu:.1%} | {compiled} |"
     )
