@@ -138,8 +138,10 @@ def build_trainer(
 
 
 def train(cfg: DictConfig) -> float:
-    """Test, train, test again; log and checkpoint under `cfg.output_dir`; return the objective."""
-    return float(train_run(cfg)[cfg.objective])
+    """Test, train, test again; log and checkpoint under `cfg.output_dir`; return the objective
+    (with `lr_find`, the suggested learning rate)."""
+    result = train_run(cfg)
+    return float(result["lr_suggestion"] if cfg.lr_find else result[cfg.objective])
 
 
 def train_run(cfg: DictConfig) -> dict[str, Any]:
@@ -164,7 +166,7 @@ def train_run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.lr_find:
         from src.run.lr_find import find_lr  # matplotlib's pyplot: only for the finder's plot
 
-        return find_lr(trainer, model, data, Path(cfg.output_dir))
+        return {"lr_suggestion": find_lr(trainer, model, data, Path(cfg.output_dir))}
     before = trainer.test(model, data, verbose=False)[0]
     probe = plan.fit_before_training(model, data, features, cfg, logger, trainer)
     trainer.fit(model, data, ckpt_path=cfg.ckpt_path)
