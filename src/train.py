@@ -9,10 +9,10 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.data.sampling import class_counts, warn_if_imbalanced
@@ -24,6 +24,7 @@ from src.report.summary import write_cv
 from src.run.callbacks import AtomicCheckpointIO, EpochTimer, RunCheckpoint
 from src.run.checkpoints import check_resume, read_checkpoint, run_settings
 from src.run.config import check_config
+from src.run.devices import accelerator, compile_backbone, trainer_settings
 from src.run.errors import exit_on_user_error, record_failure
 from src.run.runtime import (
     MEMORY_FORMATS,
@@ -36,14 +37,6 @@ from src.trust.fit import calibrate_and_store
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: see `__main__` below
-
-
-def accelerator(cfg: DictConfig) -> str:
-    """`gpu` or `cpu`: what the Trainer's accelerator setting resolves to here."""
-    wanted = str(cfg.trainer.get("accelerator", "auto"))
-    if wanted in {"gpu", "cuda"} or (wanted == "auto" and torch.cuda.is_available()):
-        return "gpu"
-    return "cpu"
 
 
 def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
@@ -95,8 +88,9 @@ def build_model(cfg: DictConfig, data: Any) -> TransferModel:
     )
     if cfg.memory_format != "auto":
         model.memory_format = MEMORY_FORMATS[cfg.memory_format]
-    if cfg.compile:
-        model.backbone.compile()
+    model.compile_backbone = compile_backbone(
+        cfg.compile, accelerator(cfg), cfg.trainer.max_epochs * data.train_batches()
+    )
     return model
 
 
@@ -140,13 +134,22 @@ def build_trainer(
         logger=logger,
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
+        **trainer_settings(cfg),
         **plan.epochs,
     )
     return trainer, timer, checkpoint
 
 
 def train(cfg: DictConfig) -> float:
-    """Test, train, test again; log and checkpoint under `cfg.output_dir`; return the objective."""
+    """Test, train, test again; log and checkpoint under `cfg.output_dir`; return the objective
+    (with `lr_find`, the suggested learning rate)."""
+    result = train_run(cfg)
+    return float(result["lr_suggestion"] if cfg.lr_find else result[cfg.objective])
+
+
+def train_run(cfg: DictConfig) -> dict[str, Any]:
+    """`train`, returning the run's whole result (what rank 0 writes to result.json): every
+    rank has it, also under torchrun or srun, where only rank 0 writes the file."""
     start = time.perf_counter()
     check_config(cfg)
     quiet_lightning()
@@ -167,9 +170,9 @@ def train(cfg: DictConfig) -> float:
     if cfg.lr_find:
         from src.run.lr_find import find_lr  # matplotlib's pyplot: only for the finder's plot
 
-        return find_lr(trainer, model, data, Path(cfg.output_dir))
+        return {"lr_suggestion": find_lr(trainer, model, data, Path(cfg.output_dir))}
     before = trainer.test(model, data, verbose=False)[0]
-    probe = plan.fit_before_training(model, data, features, cfg, logger)
+    probe = plan.fit_before_training(model, data, features, cfg, logger, trainer)
     trainer.fit(model, data, ckpt_path=cfg.ckpt_path)
     after = trainer.test(model, data, ckpt_path="best", verbose=False)[0]
     trust = calibrate_and_store(
@@ -206,8 +209,8 @@ def train(cfg: DictConfig) -> float:
         if isinstance(logger, TensorBoardLogger):  # confusion matrix, Grad-CAM
             from src.report.figures import log_final_figures  # matplotlib, Grad-CAM: only when used
 
-            log_final_figures(trainer, model, data, "bf16" in precision)
-    return float(result[cfg.objective])
+            log_final_figures(trainer, checkpoint.best_model_path, data, precision)
+    return result
 
 
 def report(cfg: DictConfig, result: dict[str, Any]) -> None:
@@ -243,17 +246,18 @@ def cross_validate(cfg: DictConfig) -> float:
             fold_cfg.output_dir = str(out / f"fold-{fold}")
             if fold_cfg.cache_dir is None:  # one extraction for all folds all the same
                 fold_cfg.cache_dir = str(out / "features")
-        train(fold_cfg)
-        rows.append(json.loads((out / f"fold-{fold}" / "result.json").read_text()))
+        rows.append(train_run(fold_cfg))
     metrics = [m for m in dict.fromkeys([cfg.objective, *CV_METRICS]) if m in rows[0]]
-    print(write_cv(out, rows, metrics))
+    if rank_zero_only.rank == 0:
+        print(write_cv(out, rows, metrics))
     means = {m: sum(row[m] for row in rows) / len(rows) for m in metrics}
     result = (
         hyperparameters(cfg)
         | means
         | {"folds": cfg.folds, "wall_s": sum(r["wall_s"] for r in rows)}
     )
-    (out / "result.json").write_text(json.dumps(result, indent=2))  # the job's row in a sweep
+    if rank_zero_only.rank == 0:  # under torchrun or srun every rank runs this
+        (out / "result.json").write_text(json.dumps(result, indent=2))  # the job's row in a sweep
     return means[cfg.objective]
 
 

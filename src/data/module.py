@@ -14,6 +14,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 
 from src.data.datasets import ImagesDataset, StreamingDataset
+from src.data.device_augment import AUGMENT_ON, DeviceAugmentation
 from src.data.exclude import drop_excluded
 from src.data.folder import Split
 from src.data.images import check_resize, decode_all, usable_cores, worker_start
@@ -34,14 +35,15 @@ from src.run.errors import UserError
 log = logging.getLogger(__name__)
 
 
-class ImageFolderData(L.LightningDataModule):
+class ImageFolderData(DeviceAugmentation, L.LightningDataModule):
     """`<root>/training/<class>/*` split into train/val/test, or train/val with test =
     `<root>/validation/`; or one fold of a K-fold cross-validation (`folds`, `fold`).
 
     Decoded images take 3 x image_size^2 bytes each (75 KiB at 160 px: 10,000 take 0.7 GiB).
     `in_memory="auto"` keeps them in memory when they fit `memory_limit_gb` (null: half of the
     available memory) and training runs in one process, else streams them from disk: decoded per
-    item in `num_workers` DataLoader workers (auto: the usable cores, per device).
+    item in `num_workers` DataLoader workers (auto: the usable cores, per device). `augment_on`:
+    where in-memory training images are augmented (src.data.device_augment; auto: on a GPU).
     """
 
     def __init__(
@@ -68,10 +70,14 @@ class ImageFolderData(L.LightningDataModule):
         label_column: str | None = None,
         resize: str = "squash",
         exclude: str | None = None,
+        augment_on: str = "auto",
     ) -> None:
         super().__init__()
         if sampler not in SAMPLERS:
             raise UserError(f"unknown sampler {sampler!r}. Fix: sampler={'|'.join(SAMPLERS)}")
+        if augment_on not in AUGMENT_ON:
+            raise UserError(f"unknown augment_on {augment_on!r}. Fix: {'|'.join(AUGMENT_ON)}")
+        self.augment_on = augment_on
         self.sampler = sampler
         check_settings(
             val_fraction, test_fraction, folds, fold, num_workers, in_memory, memory_limit_gb
@@ -181,6 +187,7 @@ class ImageFolderData(L.LightningDataModule):
             else:
                 images = decode_all(split.paths, self.image_size, self.resize)
                 dataset = ImagesDataset(images, labels, transform, self.seed)
+                dataset.defer = transform is not None and self.augments_on_device()
             self.datasets[name] = dataset
 
     def splits(self) -> dict[str, Split]:
@@ -278,6 +285,7 @@ class ImageFolderData(L.LightningDataModule):
             persistent_workers=workers > 0,
             multiprocessing_context=worker_start(workers),
             pin_memory=pin,
+            prefetch_factor=4 if workers and pin else None,  # a GPU waits on no decoded batch
             **({"collate_fn": FeaturesDataset.collate} if features else {}),
         )
 

@@ -49,8 +49,10 @@ def outputs(
     device: torch.device,
     bf16: bool = False,
     grad: bool = False,
+    host: bool = True,
 ) -> Iterator[torch.Tensor]:
-    """`fn` of each batch on `device`, one float32 CPU tensor per batch, as they come.
+    """`fn` of each batch on `device`, one float32 tensor per batch, as they come: on the CPU,
+    or with `host=False` left on `device` (no wait for the device per batch).
 
     The one inference loop: features, logits and Grad-CAM maps. `grad=False` runs under
     inference mode; `bf16` under bf16 autocast (as a bf16-mixed training run computes).
@@ -58,8 +60,8 @@ def outputs(
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     with torch.enable_grad() if grad else torch.inference_mode(), autocast:
         for batch in batches:
-            out = fn(batch.to(device, non_blocking=True))
-            yield torch.as_tensor(out).detach().float().cpu()
+            out = torch.as_tensor(fn(batch.to(device, non_blocking=True))).detach().float()
+            yield out.cpu() if host else out
 
 
 def apply(

@@ -11,7 +11,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from src.model.finetune import Finetune, batchnorm_layers
+from src.model.finetune import Finetune, batchnorm_layers, reduce_gradients
 from src.model.network import TransferNet
 from src.run.checkpoints import RECORD, VERSION
 
@@ -102,6 +102,7 @@ class TransferModel(TransferNet, L.LightningModule):
         self.trained = False  # weights from a fit (run here or loaded): see `test_step`
         self.fitted_head = False  # the head was fitted before training (`keep_fitted_head`)
         self.steps_per_batch = 1  # optimizer steps per training batch (see train_on_chunks)
+        self.compile_backbone = False  # torch.compile the backbone in `configure_model`
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[RECORD] = {"version": VERSION, **self.record}
@@ -131,11 +132,14 @@ class TransferModel(TransferNet, L.LightningModule):
     def on_after_backward(self) -> None:
         if not self.reduce_backbone_gradients:
             return
-        world = self.trainer.world_size
-        for parameter in self.backbone.parameters():
-            if parameter.grad is not None:
-                torch.distributed.all_reduce(parameter.grad)
-                parameter.grad /= world
+        reduce_gradients(self.backbone.parameters(), self.trainer.world_size)
+
+    def configure_model(self) -> None:
+        """Compile the backbone (`compile_backbone`) in the process that trains it, at each fit or
+        test: a module pickled to a ddp_spawn rank loses its compilation, and extraction (before
+        this) and Grad-CAM (on the checkpoint, src.report.figures) stay eager."""
+        if self.compile_backbone and self.backbone._compiled_call_impl is None:
+            self.backbone.compile()
 
     def train(self, mode: bool = True) -> "TransferModel":
         """Keep a frozen backbone (or only its BatchNorm, `finetune.bn=frozen`) in eval mode.

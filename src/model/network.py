@@ -51,11 +51,14 @@ class TransferNet(nn.Module):
         return self.memory_format or memory_format(self.norm, learning, device_type)
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        """The backbone's input for uint8 (or 0-255 float) images, in `input_format`."""
-        x = (images.float() - self.mean) / self.std
+        """The backbone's input for uint8 (or 0-255 float) images, in `input_format` and the
+        weights' dtype (normalised in float32 first: bf16-true and 16-true hold bf16 or fp16
+        weights, which float32 inputs would not match)."""
+        x = (images.float() - self.mean.float()) / self.std.float()
         first = next(self.backbone.parameters(), None)
         learning = torch.is_grad_enabled() and first is not None and first.requires_grad
-        return x.contiguous(memory_format=self.input_format(x.device.type, learning))
+        dtype = self.head.weight.dtype
+        return x.to(dtype).contiguous(memory_format=self.input_format(x.device.type, learning))
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features of uint8 (or 0-255 float) images."""
@@ -66,8 +69,9 @@ class TransferNet(nn.Module):
         return self.head(self.features(images))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Class logits of images, or of pooled features (2-D)."""
-        return self.head(x) if x.ndim == 2 else self(x)
+        """Class logits of images, or of pooled features (2-D, cast to the weights' dtype:
+        cached features are float32)."""
+        return self.head(x.to(self.head.weight.dtype)) if x.ndim == 2 else self(x)
 
 
 def load_model(ckpt_path: str | Path) -> TransferNet:

@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from src.run.errors import UserError
-from src.run.runtime import MEMORY_FORMATS
+from src.run.runtime import MEMORY_FORMATS, PRECISIONS
 
 log = logging.getLogger(__name__)
 MAX_SEED = 2**32 - 1  # what seed_everything accepts and numpy's SeedSequence needs (>= 0)
@@ -69,6 +69,17 @@ RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     "memory_format": (
         lambda v: v == "auto" or v in MEMORY_FORMATS,
         f"auto, {' or '.join(MEMORY_FORMATS)}",
+        "auto",
+    ),
+    "precision": (
+        lambda v: v in PRECISIONS,
+        " or ".join(PRECISIONS),
+        "auto",
+    ),
+    "compile": (lambda v: v in ("auto", True, False), "auto, true or false", "auto"),
+    "trainer.deterministic": (
+        lambda v: v in ("auto", True, False, "warn"),
+        "auto, true, false or warn",
         "auto",
     ),
     "last_ckpt_every_s": (lambda v: number(v) and v >= 0, "a number of seconds, at least 0", "10"),
