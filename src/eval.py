@@ -26,12 +26,15 @@ from torchmetrics.functional.classification import (
 from src.data.images import decode_all
 from src.data.module import ImageFolderData
 from src.data.splits import split_settings
-from src.model.inference import load_checkpoint, logits_of_files, pick_device
+from src.model.inference import load_checkpoint, pick_device
 from src.report.figures import confusion_matrix_figure, image_grid_figure
 from src.report.stats import wilson_interval
 from src.run.errors import UserError, exit_on_user_error
+from src.trust.predictions import trusted_outputs
+from src.trust.report import trust_figures, trust_lines, trust_metrics
 
 log = logging.getLogger(__name__)
+ECE_KEYS = ("test_ece_before_calibration", "test_ece_after_calibration")
 
 
 def class_metrics(preds: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
@@ -96,6 +99,10 @@ def markdown_report(metrics: dict[str, Any]) -> str:
             "",
             "![misclassified images](misclassified.png)",
             "",
+            "## Calibration and unknown",
+            "",
+            *trust_lines(metrics),
+            "",
         ]
     )
 
@@ -106,7 +113,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     classes = list(model.classes)
     record = model.record.get("split")  # the training run's split: its seed and fractions
     data: ImageFolderData = instantiate(
-        cfg.data, image_size=model.image_size, **(split_settings(record) if record else {})
+        cfg.data,
+        image_size=model.image_size,
+        resize=model.resize,
+        **(split_settings(record) if record else {}),
     )
     if record is None:
         log.warning(
@@ -114,7 +124,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "its test split may hold images it trained on",
             cfg.ckpt_path,
         )
-    elif not (data.root / "validation").is_dir():
+    elif not data.test_given:
         data.check_split(record)  # the same held-out images, or one line saying why not
     if data.classes != classes:
         raise UserError(
@@ -125,11 +135,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if not split.paths:
         raise UserError(f"no test images in {data.root}. Fix: data.root=<a folder with images>")
     labels = torch.tensor(split.labels)
-    scores, errors = logits_of_files(model, split.paths, pick_device(cfg.device), cfg.batch_size)
+    out, errors = trusted_outputs(
+        model, split.paths, pick_device(cfg.device), cfg.ckpt_path, cfg.ood, cfg.batch_size
+    )
     if errors:
         i, why = next(iter(errors.items()))
         raise UserError(f"cannot decode {split.paths[i]}: {why}. Fix: replace or delete it")
-    probs = scores.softmax(1)
+    if out.note:
+        log.warning(out.note)
+    scores, probs = out.logits, out.probs
     preds = probs.argmax(1)
     wrong = (preds != labels).nonzero().flatten()
     wrong = wrong[probs[wrong, preds[wrong]].argsort(descending=True)]
@@ -137,9 +151,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "checkpoint": str(cfg.ckpt_path),
         "data_root": str(data.root),
         "test_is_val": data.test_is_val,
-        "test_source": "validation/"
-        if (data.root / "validation").is_dir()
-        else "the held-out test split of training/ (it chose nothing)",
+        "test_source": data.test_source
+        if data.test_given
+        else f"the held-out test split of {data.pool} (it chose nothing)",
         "n_images": len(labels),
         "test_acc": float((preds == labels).float().mean()),
         "test_acc_ci95": list(wilson_interval(int((preds == labels).sum()), len(labels))),
@@ -147,6 +161,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "test_loss": float(F.cross_entropy(scores, labels)),
         "n_misclassified": len(wrong),
         **class_metrics(preds, labels, classes),
+        **trust_metrics(out, labels),
         "misclassified": [
             {
                 "image": str(split.paths[i]),
@@ -163,14 +178,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             torch.tensor(metrics["confusion_matrix"]), classes
         ),
         "misclassified": image_grid_figure(
-            decode_all([split.paths[i] for i in shown], data.image_size),
+            decode_all([split.paths[i] for i in shown], data.image_size, data.resize),
             [
                 f"true: {classes[labels[i]]}\npred: {classes[preds[i]]} ({probs[i, preds[i]]:.2f})"
                 for i in shown
             ],
             f"Misclassified: {len(shown)} of {len(wrong)} shown",
         ),
-    }
+    } | trust_figures(out, labels, metrics)
     out = Path(cfg.output_dir)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     report = markdown_report(metrics)
@@ -182,7 +197,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         for name, figure in figures.items():
             logger.experiment.add_figure(f"eval/{name}", figure)
         logger.log_metrics(
-            {"eval/test_acc": metrics["test_acc"], "eval/test_loss": metrics["test_loss"]}
+            {
+                f"eval/{key}": metrics[key]
+                for key in ("test_acc", "test_loss", *ECE_KEYS, "share_kept", "accuracy_kept")
+                if metrics.get(key) is not None
+            }
         )
         logger.finalize("success")
     print(report.split("## Confusion matrix")[0].rstrip())

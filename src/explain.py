@@ -31,7 +31,9 @@ def explain(cfg: DictConfig) -> list[Path]:
     out = Path(cfg.output_dir)
     stems = [p.stem for p in paths]
     written = []
-    for indices, images, errors in stream_images(paths, model.image_size, BATCH):
+    for indices, images, errors in stream_images(
+        paths, model.image_size, BATCH, resize=model.resize
+    ):
         for i, why in errors.items():
             print(f"{paths[i]}: cannot be read ({why}): skipped")
         if not indices:

@@ -22,6 +22,13 @@ from src.model.network import TransferNet
 from src.run.errors import UserError, exit_on_user_error
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
+PREPROCESSING = {  # how the checkpoint's data.resize makes an image square (fit_square)
+    "squash": "resize the whole image to {size}x{size} (bilinear, no crop)",
+    "pad": "resize the long side to {size} (bilinear, aspect ratio kept), centre it on a "
+    "{size}x{size} square filled with the image's mean colour (rounded)",
+    "crop": "resize the short side to {size} (bilinear, antialiased), then crop the centre "
+    "{size}x{size}",
+}
 
 
 def contract(model: TransferNet, fmt: str, file: str) -> dict[str, Any]:
@@ -37,7 +44,8 @@ def contract(model: TransferNet, fmt: str, file: str) -> dict[str, Any]:
             "dtype": "uint8",
             "channels": "RGB",
             "layout": "NCHW",
-            "preprocessing": f"resize the whole image to {size}x{size} (bilinear, no crop)",
+            "resize": model.resize,
+            "preprocessing": PREPROCESSING[model.resize].format(size=size),
         },
         "normalisation": {
             "applied": "inside the model: (images / 255 - mean) / std",
@@ -47,9 +55,11 @@ def contract(model: TransferNet, fmt: str, file: str) -> dict[str, Any]:
         "output": {
             "name": "logits",
             "shape": ["batch", len(model.classes)],
-            "meaning": "class logits; softmax gives probabilities",
+            "meaning": "class logits (uncalibrated); softmax(logits / temperature) gives the "
+            "calibrated probabilities src.predict shows",
         },
         "classes": list(model.classes),
+        **trust_contract(model),
     } | (multilabel_output(model) if getattr(model, "task", "") == "multilabel" else {})
 
 
@@ -67,6 +77,29 @@ def multilabel_output(model: TransferNet) -> dict[str, Any]:
         },
         "thresholds": dict(zip(model.classes, thresholds, strict=True)),
     }
+
+
+def trust_contract(model: TransferNet) -> dict[str, Any]:
+    """The temperature, and where the `unknown` check lives: in src.predict only, since the
+    k-NN score needs the training features (megabytes) beside every copy of the model."""
+    trust = model.record.get("trust")
+    temperature = float(trust["temperature"]) if trust else 1.0
+    ood = trust.get("ood") if trust else None
+    unknown = (
+        {
+            "in_model": False,
+            "where": "src.predict only (python -m src.predict ckpt_path=<the checkpoint>)",
+            "score": ood["score"],
+            "k": ood["k"],
+            "threshold": ood["threshold"],
+            "coverage": ood["coverage"],
+            "why": "the exported graph stays the tested one (logits); the k-NN score needs the "
+            "checkpoint's training features, which a serving stack keeps in its own index",
+        }
+        if ood
+        else {"in_model": False, "where": "none: the checkpoint stores no OOD data"}
+    )
+    return {"temperature": temperature, "calibrated": trust is not None, "unknown": unknown}
 
 
 @contextmanager

@@ -9,21 +9,23 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.data.sampling import class_counts, warn_if_imbalanced
 from src.frozen.head import HeadPlan, frozen_throughout
 from src.model.module import TransferModel, parameter_summary, trainable_parameters
+from src.quality.leaks import warn_if_leaks
 from src.report.stats import accuracy_ci
 from src.report.summary import result_objective, write_cv
 from src.run import multilabel as ml
 from src.run.callbacks import AtomicCheckpointIO, EpochTimer, RunCheckpoint
 from src.run.checkpoints import check_resume, read_checkpoint, run_settings
 from src.run.config import check_config
+from src.run.devices import accelerator, compile_backbone, trainer_settings
 from src.run.errors import exit_on_user_error, record_failure
 from src.run.runtime import (
     MEMORY_FORMATS,
@@ -32,17 +34,10 @@ from src.run.runtime import (
     quiet_lightning,
     resolve_precision,
 )
+from src.trust.fit import calibrate_and_store
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: see `__main__` below
-
-
-def accelerator(cfg: DictConfig) -> str:
-    """`gpu` or `cpu`: what the Trainer's accelerator setting resolves to here."""
-    wanted = str(cfg.trainer.get("accelerator", "auto"))
-    if wanted in {"gpu", "cuda"} or (wanted == "auto" and torch.cuda.is_available()):
-        return "gpu"
-    return "cpu"
 
 
 def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
@@ -86,6 +81,7 @@ def build_model(cfg: DictConfig, data: Any) -> TransferModel:
         backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
         classes=data.classes,
         image_size=cfg.image_size,
+        resize=data.resize,
         freeze=cfg.freeze,
         optimizer=instantiate(cfg.optimizer),
         finetune=OmegaConf.to_container(cfg.finetune, resolve=True),
@@ -97,8 +93,9 @@ def build_model(cfg: DictConfig, data: Any) -> TransferModel:
     )
     if cfg.memory_format != "auto":
         model.memory_format = MEMORY_FORMATS[cfg.memory_format]
-    if cfg.compile:
-        model.backbone.compile()
+    model.compile_backbone = compile_backbone(
+        cfg.compile, accelerator(cfg), cfg.trainer.max_epochs * data.train_batches()
+    )
     return model
 
 
@@ -142,13 +139,24 @@ def build_trainer(
         logger=logger,
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
+        **trainer_settings(cfg),
         **plan.epochs,
     )
     return trainer, timer, checkpoint
 
 
 def train(cfg: DictConfig) -> float:
-    """Test, train, test again; log and checkpoint under `cfg.output_dir`; return the objective."""
+    """Test, train, test again; log and checkpoint under `cfg.output_dir`; return the objective
+    (with `lr_find`, the suggested learning rate)."""
+    result = train_run(cfg)
+    if cfg.lr_find:
+        return float(result["lr_suggestion"])
+    return float(result[result_objective(cfg.objective, result)])
+
+
+def train_run(cfg: DictConfig) -> dict[str, Any]:
+    """`train`, returning the run's whole result (what rank 0 writes to result.json): every
+    rank has it, also under torchrun or srun, where only rank 0 writes the file."""
     start = time.perf_counter()
     check_config(cfg)
     quiet_lightning()
@@ -156,6 +164,7 @@ def train(cfg: DictConfig) -> float:
     L.seed_everything(cfg.seed, workers=True)
     data = instantiate(cfg.data)
     check_resume(cfg.ckpt_path, cfg, data.classes)
+    warn_if_leaks(data, cfg.data.get("scan_cache"))
     multilabel = ml.is_multilabel(data)
     score = "val/mAP" if multilabel else "val/acc"  # what chooses the checkpoint
     if multilabel:
@@ -172,13 +181,16 @@ def train(cfg: DictConfig) -> float:
     if cfg.lr_find:
         from src.run.lr_find import find_lr  # matplotlib's pyplot: only for the finder's plot
 
-        return find_lr(trainer, model, data, Path(cfg.output_dir))
+        return {"lr_suggestion": find_lr(trainer, model, data, Path(cfg.output_dir))}
     before = trainer.test(model, data, verbose=False)[0]
-    probe = plan.fit_before_training(model, data, features, cfg, logger)
+    probe = plan.fit_before_training(model, data, features, cfg, logger, trainer)
     trainer.fit(model, data, ckpt_path=cfg.ckpt_path)
     if multilabel:
         ml.fit_thresholds(trainer, model, data, checkpoint.best_model_path)
     after = trainer.test(model, data, ckpt_path="best", verbose=False)[0]
+    trust = calibrate_and_store(
+        cfg, trainer, model, data, features, checkpoint, probe, "bf16" in precision
+    )
     best = read_checkpoint(checkpoint.best_model_path, mmap=True)
     n_test = tested_images(trainer, data)
     result = {
@@ -188,6 +200,7 @@ def train(cfg: DictConfig) -> float:
         **before,
         **after,
         **test_intervals(before | after, n_test),
+        **trust,
         "n_test": n_test,
         "split": model.record["split"],
         "trainable_params": sum(p.numel() for p in trainable_parameters(model)),
@@ -210,8 +223,8 @@ def train(cfg: DictConfig) -> float:
         if isinstance(logger, TensorBoardLogger) and not multilabel:  # confusion matrix, Grad-CAM
             from src.report.figures import log_final_figures  # matplotlib, Grad-CAM: only when used
 
-            log_final_figures(trainer, model, data, "bf16" in precision)
-    return float(result[result_objective(cfg.objective, result)])
+            log_final_figures(trainer, checkpoint.best_model_path, data, precision)
+    return result
 
 
 def report(cfg: DictConfig, result: dict[str, Any]) -> None:
@@ -254,18 +267,19 @@ def cross_validate(cfg: DictConfig) -> float:
             fold_cfg.output_dir = str(out / f"fold-{fold}")
             if fold_cfg.cache_dir is None:  # one extraction for all folds all the same
                 fold_cfg.cache_dir = str(out / "features")
-        train(fold_cfg)
-        rows.append(json.loads((out / f"fold-{fold}" / "result.json").read_text()))
+        rows.append(train_run(fold_cfg))
     objective = result_objective(cfg.objective, rows[0])
     metrics = [m for m in dict.fromkeys([objective, *CV_METRICS]) if m in rows[0]]
-    print(write_cv(out, rows, metrics))
+    if rank_zero_only.rank == 0:
+        print(write_cv(out, rows, metrics))
     means = {m: sum(row[m] for row in rows) / len(rows) for m in metrics}
     result = (
         hyperparameters(cfg)
         | means
         | {"folds": cfg.folds, "wall_s": sum(r["wall_s"] for r in rows)}
     )
-    (out / "result.json").write_text(json.dumps(result, indent=2))  # the job's row in a sweep
+    if rank_zero_only.rank == 0:  # under torchrun or srun every rank runs this
+        (out / "result.json").write_text(json.dumps(result, indent=2))  # the job's row in a sweep
     return means[objective]
 
 

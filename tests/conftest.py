@@ -1,7 +1,11 @@
-"""Shared fixtures: small generated image folders and configs composed the way Hydra does."""
+"""Shared fixtures: small generated image folders and configs composed the way Hydra does; no
+network in the session; a record of what each `Trainer.fit` ran."""
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -10,6 +14,29 @@ from PIL import Image
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 COLOURS = [(220, 40, 40), (40, 200, 60), (50, 60, 230)]  # one per class, easy to learn
+OFFLINE = Path(__file__).resolve().parent / "offline"  # its sitecustomize guards subprocesses
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Any connection (or host lookup) other than loopback fails loudly, in this process and in
+    every Python subprocess (OFFLINE first on PYTHONPATH); the session fails at its end if one
+    was attempted, even where the code caught the error."""
+    from tests.offline.network_guard import LOG, install
+
+    log = tmp_path_factory.getbasetemp() / "network_attempts.log"
+    paths = [str(OFFLINE), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    saved = {name: os.environ.get(name) for name in ("PYTHONPATH", LOG)}
+    os.environ.update({"PYTHONPATH": os.pathsep.join(paths), LOG: str(log)})
+    install()
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    if log.exists() and log.read_text():
+        pytest.fail(f"tests tried to reach the network:\n{log.read_text()}", pytrace=False)
 
 
 def make_folder(root: Path, per_class: int = 8, size: int = 24, validation: int = 0) -> Path:
@@ -115,3 +142,55 @@ def calibrated_mobilenet_v2(root: Path, path: Path, size: int = 32) -> Path:
     calibrate_batchnorm(model.features, (images - mean) / std)
     torch.save(model.state_dict(), path)
     return path
+
+
+class FitRecord(L.Callback):
+    """What one `Trainer.fit` ran: the global step it started from, the epochs it began, the
+    training batches it ran and the global step it ended at (None if it did not end)."""
+
+    def __init__(self) -> None:
+        self.start_step: int | None = None
+        self.epochs: list[int] = []
+        self.batches = 0
+        self.end_step: int | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start_step = trainer.global_step
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.epochs.append(trainer.current_epoch)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        self.batches += 1
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.end_step = trainer.global_step
+
+
+@pytest.fixture
+def fits(monkeypatch: pytest.MonkeyPatch) -> list[FitRecord]:
+    """A FitRecord of every `Trainer.fit` in the test, in order: however a command builds its
+    Trainer, each fit gets one (what tells a resumed run from one restarted with the seed)."""
+    records: list[FitRecord] = []
+    real = L.Trainer.fit
+
+    def fit(trainer: L.Trainer, *args: object, **kwargs: object) -> None:
+        records.append(FitRecord())
+        trainer.callbacks.append(records[-1])
+        return real(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "fit", fit)
+    return records
+
+
+def assert_resumed(resumed: FitRecord, saved: Path | dict, straight: FitRecord) -> None:
+    """`resumed` went on from checkpoint `saved` (a path or the loaded dict): it started at the
+    saved global step, ran only the epochs after the saved one (a checkpoint written at an
+    epoch's end) and ended on the same global step as `straight`, the uninterrupted run; a run
+    restarted from scratch fails each."""
+    if not isinstance(saved, dict):
+        saved = torch.load(saved, map_location="cpu", weights_only=True)
+    assert saved["global_step"] > 0
+    assert resumed.start_step == saved["global_step"], "did not start from the saved step"
+    assert resumed.epochs == list(range(saved["epoch"] + 1, straight.epochs[-1] + 1))
+    assert resumed.end_step == straight.end_step is not None

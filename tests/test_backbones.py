@@ -48,15 +48,25 @@ def test_efficientnet_lite0_backbone_gives_1280_pooled_features_with_its_own_nor
     assert backbone.module.eval()(torch.zeros(1, 3, 64, 64)).shape == (1, 1280)
 
 
-def test_missing_torchvision_weights_without_network_is_one_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+def offline_download(calls: list[str]) -> object:
+    """A `load_state_dict_from_url` that fails as on a machine without network, noting the url."""
 
-    def offline(*args, **kwargs):
+    def offline(url: str, *args: object, **kwargs: object) -> None:
+        calls.append(url)
         raise urllib.error.URLError("[Errno -2] Name or service not known")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    return offline
+
+
+def test_missing_torchvision_weights_without_network_is_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    calls: list[str] = []
+    # torchvision's Weights.get_state_dict calls its own imported reference, not torch.hub's
+    offline = offline_download(calls)
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
     with pytest.raises(UserError) as err:
         torchvision_backbone("mobilenet_v2", "IMAGENET1K_V1")
+    assert len(calls) == 1 and calls[0].endswith(".pth")  # the download was asked for, here
     message = str(err.value)
     assert "\n" not in message
     assert "mobilenet_v2 weights IMAGENET1K_V1" in message
@@ -68,10 +78,8 @@ def test_missing_timm_weights_without_network_is_one_clear_error(monkeypatch, tm
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("[Errno -2] Name or service not known")
-
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    calls: list[str] = []  # timm's builder holds its own reference too
+    monkeypatch.setattr(timm.models._builder, "load_state_dict_from_url", offline_download(calls))
     with pytest.raises(UserError) as err:
         timm_backbone("resnet18", "pretrained", 64)
     message = str(err.value)
@@ -164,6 +172,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_folder(tmp_path_factory.mktemp("arch") / "data", per_class=6, size=64, validation=2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("source", "name", "size"), ARCHITECTURES)
 def test_every_architecture_trains_extracts_explains_and_exports(
     source: str, name: str, size: int, folder: Path, tmp_path: Path, capsys

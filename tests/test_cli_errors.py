@@ -62,6 +62,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str, 
     return {name: (p.wait(timeout=300), p.communicate()[1], str(tmp)) for name, p in procs.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_one_line_exit_2(runs: dict[str, tuple[int, str, str]], name: str) -> None:
     code, stderr, tmp = runs[name]
@@ -71,11 +72,13 @@ def test_one_line_exit_2(runs: dict[str, tuple[int, str, str]], name: str) -> No
     assert len(lines) == 1 and lines[0].startswith("error: " + CASES[name][1].format(tmp=tmp))
 
 
+@pytest.mark.slow
 def test_hydra_full_error_shows_the_traceback(runs: dict[str, tuple[int, str, str]]) -> None:
     code, stderr, _ = runs["full"]
     assert code == 1 and "Traceback" in stderr and "MissingConfigException" in stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", OTHER)
 def test_other_commands_report_config_errors_on_one_line(
     runs: dict[str, tuple[int, str, str]], command: str

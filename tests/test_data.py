@@ -224,31 +224,48 @@ def test_extensions_in_any_case_and_other_files_ignored(tmp_path):
     assert not any(p.suffix == ".txt" for p in paths)
 
 
+PALETTE = [0, 0, 0, 255, 255, 255, 7, 7, 7, 10, 200, 30]  # index 3: a green no other mode gives
+
+
 @pytest.mark.parametrize(
-    ("mode", "colour", "fmt"),
+    ("mode", "colour", "fmt", "rgb"),
     [
-        ("L", 128, "PNG"),
-        ("P", 3, "PNG"),
-        ("RGBA", (255, 0, 0, 255), "PNG"),
-        ("CMYK", (0, 255, 255, 0), "JPEG"),
-        ("I;16", 65535, "PNG"),
+        ("L", 128, "PNG", [128, 128, 128]),
+        ("P", 3, "PNG", [10, 200, 30]),  # the palette's colour, not the index
+        ("RGBA", (255, 0, 0, 255), "PNG", [255, 0, 0]),
+        ("CMYK", (0, 255, 255, 0), "JPEG", [255, 0, 0]),  # no cyan, no key: red
+        ("I;16", 65535, "PNG", [255, 255, 255]),
     ],
 )
-def test_any_mode_decodes_to_rgb_uint8_at_the_requested_size(tmp_path, mode, colour, fmt):
+def test_any_mode_decodes_to_rgb_uint8_at_the_requested_size(tmp_path, mode, colour, fmt, rgb):
     path = tmp_path / f"image.{fmt.lower()}"
-    Image.new(mode, (20, 10), colour).save(path, format=fmt)
-    image = decode(path, 12)
-    assert image.shape == (3, 12, 12) and image.dtype == torch.uint8
-    if mode == "RGBA":
-        assert image[:, 5, 5].tolist() == [255, 0, 0]
-    if mode == "I;16":
-        assert image[:, 5, 5].tolist() == [255, 255, 255]
+    image = Image.new(mode, (20, 10), colour)
+    if mode == "P":
+        image.putpalette(PALETTE)
+    image.save(path, format=fmt)
+    decoded = decode(path, 12)
+    assert decoded.shape == (3, 12, 12) and decoded.dtype == torch.uint8
+    expected = torch.tensor(rgb, dtype=torch.uint8).view(3, 1, 1).expand(3, 12, 12)
+    assert torch.equal(decoded, expected)  # every pixel
 
 
 def test_resize_is_a_square_squash_without_crop(tmp_path):
+    """A 40x10 image with a strip of its own colour along each edge: squashed to 20x20, every
+    edge of the result is that strip's colour along its whole length (a crop, a pad or a
+    resize that keeps the aspect ratio loses at least one)."""
     path = tmp_path / "wide.png"
-    image = Image.new("RGB", (40, 10), "blue")
-    image.paste((255, 0, 0), (0, 0, 4, 10))  # red strip on the left tenth
+    image = Image.new("RGB", (40, 10), (128, 128, 128))
+    image.paste((255, 0, 0), (0, 0, 4, 10))  # left
+    image.paste((0, 255, 0), (36, 0, 40, 10))  # right
+    image.paste((0, 0, 255), (4, 0, 36, 2))  # top, between the side strips
+    image.paste((255, 255, 0), (4, 8, 36, 10))  # bottom
     image.save(path)
-    decoded = decode(path, 20)
-    assert decoded[0, 10, 0] > 200  # still there: nothing was cropped
+    decoded = decode(path, 20).int()
+    colour = {name: torch.tensor(rgb).view(3, 1) for name, rgb in
+              {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255),
+               "yellow": (255, 255, 0)}.items()}  # fmt: skip
+    assert decoded.shape == (3, 20, 20)
+    edges = {"red": decoded[:, :, 0], "green": decoded[:, :, -1],
+             "blue": decoded[:, 0, 3:-3], "yellow": decoded[:, -1, 3:-3]}  # fmt: skip
+    for name, edge in edges.items():
+        assert (edge - colour[name]).abs().max() <= 8, name

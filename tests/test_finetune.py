@@ -144,6 +144,7 @@ def test_staged_groups_and_lrs_before_and_after_unfreezing(image_root: Path, tmp
     assert recorder.start[2] == {"groups": groups, "model_training": True, **learning}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheduler", ["none", "cosine", "plateau", "onecycle"])
 @pytest.mark.parametrize("stop_after", [0, 1])
 def test_resume_across_the_unfreeze_epoch(
@@ -212,7 +213,7 @@ def test_bad_settings_stop_with_one_line(image_root, tmp_path, overrides, messag
         train(staged_cfg(image_root, tmp_path, *overrides))
 
 
-def test_staged_train_run_resumes_with_its_groups(image_root: Path, tmp_path: Path, capsys):
+def test_staged_train_run_resumes_with_its_groups(image_root, tmp_path, capsys, fits) -> None:
     """Through `train`: staged skips the feature cache and says so in RESULT; its checkpoint
     holds both groups at their lrs and resumes into a longer run."""
     cfg = staged_cfg(image_root, tmp_path / "run", "trainer.max_epochs=2")
@@ -231,3 +232,6 @@ def test_staged_train_run_resumes_with_its_groups(image_root: Path, tmp_path: Pa
     )
     train(resumed)
     assert "RESULT" in capsys.readouterr().out
+    (first, again) = fits
+    assert again.start_step == ckpt["global_step"] == first.end_step > 0
+    assert again.epochs == [2] and again.end_step == first.end_step * 3 // 2

@@ -18,7 +18,7 @@ from src.frozen.head import fit_head_by_probe
 from src.frozen.probe import fit_probe
 from src.model.module import TransferModel
 from src.train import run, train
-from tests.conftest import compose_cfg, tiny_overrides
+from tests.conftest import FitRecord, assert_resumed, compose_cfg, tiny_overrides
 
 LITE0 = {"_target_": "src.backbones.timm_backbone", "name": "tf_efficientnet_lite0"}
 BACKBONE = LITE0 | {"weights": "imagenet"}  # shipped ImageNet weights: features with class signal
@@ -99,7 +99,8 @@ def test_lpft_fine_tunes_from_the_probes_head(tiny_cfg: DictConfig, monkeypatch)
     assert not torch.equal(last["backbone.conv_stem.weight"], seen["stem"])
 
 
-def test_lpft_resumes_exactly(tiny_cfg: DictConfig) -> None:
+@pytest.mark.slow
+def test_lpft_resumes_exactly(tiny_cfg: DictConfig, fits: list[FitRecord]) -> None:
     parent = Path(tiny_cfg.output_dir).parent
     settings = ["finetune=lpft", "optimizer=adam"]
     train(compose_cfg(overrides(tiny_cfg, *settings, "trainer.max_epochs=2"), parent / "straight"))
@@ -110,6 +111,7 @@ def test_lpft_resumes_exactly(tiny_cfg: DictConfig) -> None:
     straight = torch.load(parent / "straight/checkpoints/last.ckpt", weights_only=True)
     again = torch.load(parent / "resumed/checkpoints/last.ckpt", weights_only=True)
     assert straight["epoch"] == again["epoch"] == 1
+    assert_resumed(fits[2], last, straight=fits[0])
     for name, tensor in straight["state_dict"].items():
         assert torch.equal(again["state_dict"][name], tensor), name
 

@@ -4,13 +4,14 @@ equally often, both resume exactly, and a run on unbalanced data says so once.""
 import logging
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from src.data.module import ImageFolderData
 from src.data.sampling import EpochBalanced
 from src.train import build_model, train
-from tests.conftest import compose_cfg, make_folder, tiny_overrides
+from tests.conftest import assert_resumed, compose_cfg, make_folder, tiny_overrides
 
 
 def unbalanced(root: Path) -> Path:
@@ -59,7 +60,8 @@ def test_balanced_sampler_draws_each_class_equally_often_and_per_epoch() -> None
     assert list(again) != first
 
 
-def test_unbalanced_data_warns_once_and_both_options_resume_exactly(tmp_path, caplog) -> None:
+@pytest.mark.slow
+def test_unbalanced_data_warns_once_and_both_options_resume_exactly(tmp_path, caplog, fits):
     root = unbalanced(tmp_path / "data")
     base = [*tiny_overrides(root), "freeze=false", "optimizer=adam", "class_weights=auto",
             "sampler=balanced"]  # fmt: skip
@@ -72,6 +74,7 @@ def test_unbalanced_data_warns_once_and_both_options_resume_exactly(tmp_path, ca
     train(compose_cfg([*base, "trainer.max_epochs=1"], tmp_path / "killed"))
     last = tmp_path / "killed/checkpoints/last.ckpt"
     train(compose_cfg([*base, "trainer.max_epochs=2", f"ckpt_path={last}"], tmp_path / "resumed"))
+    assert_resumed(fits[3], last, straight=fits[1])  # fits: plain, straight, killed, resumed
     straight = torch.load(tmp_path / "straight/checkpoints/last.ckpt", weights_only=True)
     resumed = torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=True)
     for name, tensor in straight["state_dict"].items():

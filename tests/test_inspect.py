@@ -190,6 +190,7 @@ def test_predict_on_a_class_folder_reports_rows_accuracy_and_bad_files(
     assert "1 file(s) could not be read" in out
 
 
+@pytest.mark.slow
 def test_predict_cli_prints_a_table(tiny: dict[str, Path], tmp_path: Path) -> None:
     folder = tiny["root"] / "validation/class_2"
     run = subprocess.run(

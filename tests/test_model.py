@@ -7,8 +7,10 @@ import torch
 from torch import nn
 
 from src.model.module import TransferModel, freeze, parameter_summary, trainable_parameters
+from tests.conftest import calibrate_batchnorm
 
 CLASSES = [f"c{i}" for i in range(6)]
+SEEDED = torch.Generator().manual_seed(0)
 
 
 def make(name: str, frozen: bool) -> TransferModel:
@@ -76,15 +78,24 @@ def test_all_parameters_reach_the_optimizer_when_unfrozen():
 
 
 def test_forward_takes_uint8_images():
+    """uint8 images in, logits out, through ImageNet normalisation and a backbone calibrated on
+    them (a random one in eval mode gives the head's bias whatever the image)."""
     model = make("mobilenet_v2", frozen=True).eval()
-    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=SEEDED)
+    mean = 255 * torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = 255 * torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    normalised = (images.float() - mean) / std  # ImageNet's statistics, on the 0-255 scale
+    calibrate_batchnorm(model.backbone, normalised)
     with torch.no_grad():
         logits = model(images)
         from_features = model.head(model.features(images))
         from_floats = model(images.float())
-    assert logits.shape == (2, 6)
+        by_hand = model.head(model.backbone(normalised))
+    assert logits.shape == (4, 6)
     torch.testing.assert_close(logits, from_features)
     torch.testing.assert_close(logits, from_floats)
+    torch.testing.assert_close(logits, by_hand, atol=1e-4, rtol=1e-3)  # memory formats differ
+    assert torch.cdist(logits, logits).add(torch.eye(4)).min() > 1e-3  # each image its own
 
 
 class Untouchable(nn.Module):

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.model.finetune import Finetune
 from src.run.callbacks import EpochTimer
+from src.run.devices import trainer_settings
 from src.run.lr_find import find_lr
 from src.train import train
 from tests.conftest import compose_cfg
@@ -125,7 +126,9 @@ def test_lr_find_leaves_the_model_and_trainer_as_they_were(image_root: Path, tmp
     cfg: DictConfig = tiny(image_root, tmp_path, "trainer.max_epochs=1")
     model, data = build(cfg)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, enable_progress_bar=False)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, logger=False, enable_progress_bar=False, **trainer_settings(cfg)
+    )
     assert math.isfinite(find_lr(trainer, model, data, tmp_path))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert trainer.max_epochs == 1

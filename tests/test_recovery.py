@@ -15,7 +15,7 @@ import src.run.callbacks
 from src.model.module import TransferModel
 from src.run.errors import user_message
 from src.train import train
-from tests.conftest import CONF_DIR, compose_cfg, tiny_overrides
+from tests.conftest import CONF_DIR, FitRecord, assert_resumed, compose_cfg, tiny_overrides
 
 TIMINGS = {"first_batch_s", "fit_s", "first_epoch_s", "mean_epoch_s", "wall_s", "max_epochs"}
 
@@ -24,7 +24,8 @@ def run(cfg: DictConfig, name: str, *overrides: str) -> tuple[dict, dict]:
     """Train `cfg` with `overrides` in its own dir: its result.json (less timings and
     max_epochs) and its last checkpoint."""
     replaced = {o.split("=")[0] for o in overrides}
-    base = [a for a in tiny_overrides(cfg.data.root) if a.split("=")[0] not in replaced]
+    tiny = tiny_overrides(cfg.data.root, cfg.backbone.weights)  # tiny_cfg's calibrated backbone
+    base = [a for a in tiny if a.split("=")[0] not in replaced]
     out = Path(cfg.output_dir).parent / name
     train(compose_cfg([*base, *overrides], out))
     result = json.loads((out / "result.json").read_text())
@@ -32,8 +33,11 @@ def run(cfg: DictConfig, name: str, *overrides: str) -> tuple[dict, dict]:
     return {k: v for k, v in result.items() if k not in TIMINGS}, last
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("freeze", ["true", "false"])  # cached features; images
-def test_resumed_run_matches_an_uninterrupted_one(tiny_cfg: DictConfig, freeze: str) -> None:
+def test_resumed_run_matches_an_uninterrupted_one(
+    tiny_cfg: DictConfig, freeze: str, fits: list[FitRecord]
+) -> None:
     settings = [f"freeze={freeze}", "optimizer=adam"]
     straight, straight_last = run(tiny_cfg, "straight", *settings, "trainer.max_epochs=2")
     first, first_last = run(tiny_cfg, "killed", *settings, "trainer.max_epochs=1")
@@ -43,6 +47,7 @@ def test_resumed_run_matches_an_uninterrupted_one(tiny_cfg: DictConfig, freeze: 
         tiny_cfg, "resumed", *settings, "trainer.max_epochs=2", f"ckpt_path={last}"
     )
     assert straight_last["epoch"] == resumed_last["epoch"] == 1  # last.ckpt is the last epoch
+    assert_resumed(fits[2], last, straight=fits[0])  # epoch 1 alone, from epoch 0's step
     assert resumed == straight
     weights, straight_weights = resumed_last["state_dict"], straight_last["state_dict"]
     assert weights.keys() == straight_weights.keys()
@@ -51,8 +56,9 @@ def test_resumed_run_matches_an_uninterrupted_one(tiny_cfg: DictConfig, freeze: 
     assert not torch.equal(first_last["state_dict"]["head.weight"], weights["head.weight"])
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_last_checkpoint_to_resume_from(
-    tiny_cfg: DictConfig, monkeypatch: pytest.MonkeyPatch
+    tiny_cfg: DictConfig, monkeypatch: pytest.MonkeyPatch, fits: list[FitRecord]
 ) -> None:
     def press_ctrl_c(model: TransferModel, batch: object, batch_idx: int) -> None:
         if model.global_step == 3:  # mid first epoch (6 batches), before any checkpoint
@@ -61,21 +67,25 @@ def test_ctrl_c_saves_a_last_checkpoint_to_resume_from(
     with open_dict(tiny_cfg):  # images, not cached features: one Lightning step per minibatch
         tiny_cfg.cache_features = False
 
-    monkeypatch.setattr(TransferModel, "on_train_batch_start", press_ctrl_c, raising=False)
     # a terminal's Ctrl-C handler: a process a non-interactive shell starts in the background
     # (`cmd &`, as some CI runners do) inherits SIGINT ignored, and would train to the end
     handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        with pytest.raises(SystemExit):  # Lightning exits after its graceful shutdown
+        with monkeypatch.context() as patch, pytest.raises(SystemExit):  # Lightning exits
+            patch.setattr(TransferModel, "on_train_batch_start", press_ctrl_c, raising=False)
             train(tiny_cfg)
     finally:
         signal.signal(signal.SIGINT, handler)  # Lightning ignores SIGINT after the first
     last = Path(tiny_cfg.output_dir) / "checkpoints" / "last.ckpt"
     interrupted = torch.load(last, weights_only=True)
     assert interrupted["global_step"] == 3 and interrupted["epoch"] == 0
-    monkeypatch.undo()
     resumed, resumed_last = run(tiny_cfg, "resumed", f"ckpt_path={last}", "cache_features=false")
     straight, _ = run(tiny_cfg, "straight", "cache_features=false")
+    interrupted_fit, resumed_fit, straight_fit = fits
+    assert interrupted_fit.batches == 3 and interrupted_fit.end_step is None
+    # the rest of epoch 0 (Lightning skips the batches it ran), then epoch 1: no batch twice
+    assert_resumed(resumed_fit, interrupted, straight=straight_fit)
+    assert resumed_fit.batches == straight_fit.batches - 3
     assert resumed_last["epoch"] == 1  # both epochs ran, the interrupted one completed
     assert resumed_last["global_step"] > interrupted["global_step"]
     head, before = (
@@ -109,6 +119,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(
     assert torch.load(folder / "last.ckpt", weights_only=False)["epoch"] == 0
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics_other_seed_other_metrics(tiny_cfg: DictConfig) -> None:
     first, _ = run(tiny_cfg, "first", "seed=1")
     again, _ = run(tiny_cfg, "again", "seed=1")

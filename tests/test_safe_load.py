@@ -16,13 +16,14 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from src.model.inference import logits_of_files
 from src.model.module import TransferModel
 from src.model.network import load_model
 from src.run.callbacks import AtomicCheckpointIO
 from src.run.checkpoints import read_checkpoint, run_settings
 from src.run.errors import UserError
 from src.train import build_model, train
-from tests.conftest import compose_cfg, make_folder, tiny_overrides
+from tests.conftest import FitRecord, compose_cfg, make_folder, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 REFUSED = "holds objects this trainer's checkpoints never contain ({}); it was refused and nothing"
@@ -179,6 +180,7 @@ def refused(root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, t
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_every_command_refuses_a_crafted_checkpoint(refused: dict, command: str) -> None:
     code, stderr, path, marker = refused[command]
@@ -219,12 +221,26 @@ def test_real_checkpoints_load(trained: DictConfig) -> None:
     assert model.classes == trained_model.classes and not model.training
 
 
-def test_resume_from_a_real_checkpoint(trained: DictConfig, root: Path, tmp_path: Path) -> None:
+def test_resume_from_a_real_checkpoint(
+    trained: DictConfig, root: Path, tmp_path: Path, fits: list[FitRecord]
+) -> None:
     """A third epoch, through check_resume, Lightning's restore, test("best") and the read of
-    the best checkpoint."""
+    the best checkpoint: only epoch 2 runs, from the saved step, and the result is best.ckpt's."""
     last = Path(trained.output_dir) / "checkpoints" / "last.ckpt"
+    saved = read_checkpoint(last)
     overrides = [*tiny_overrides(root), *TRAINED, "trainer.max_epochs=3", f"ckpt_path={last}"]
     cfg = compose_cfg(overrides, tmp_path)
     train(cfg)
-    assert read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["epoch"] == 2
-    assert json.loads((tmp_path / "result.json").read_text())["test/acc"] >= 0
+    (resumed,) = fits
+    assert resumed.start_step == saved["global_step"] > 0 and resumed.epochs == [2]
+    assert resumed.end_step == saved["global_step"] * 3 // 2  # 2 epochs saved, one more run
+    last = read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert last["epoch"] == 2
+    result = json.loads((tmp_path / "result.json").read_text())
+    # the best so far: this run's, or the first run's when epoch 2 was no better
+    (best_path,) = [s["best_model_path"] for s in last["callbacks"].values() if "dirpath" in s]
+    assert result["best_epoch"] == read_checkpoint(best_path)["epoch"]
+    test = instantiate(cfg.data).test_split  # the validation folder
+    scores, _ = logits_of_files(load_model(best_path), test.paths, torch.device("cpu"))
+    accuracy = (scores.argmax(1) == torch.tensor(test.labels)).float().mean().item()
+    assert result["test/acc"] == pytest.approx(accuracy, abs=1e-6)  # the best epoch's, tested

@@ -101,6 +101,7 @@ def test_paired_difference_is_a_paired_t_test_over_the_shared_seeds() -> None:
     assert none["n"] == 0 and math.isnan(none["mean"])
 
 
+@pytest.mark.slow
 def test_importing_the_summary_does_not_import_scipy() -> None:
     code = "import sys, src.report.summary, src.report.stats; print('scipy' in sys.modules)"
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+import src.data.memory
 import src.data.sampling
 import src.data.scan
 from src.data.datasets import ImagesDataset, StreamingDataset
@@ -114,6 +115,7 @@ def test_augmentation_leaves_the_global_generator_alone(tmp_path: Path) -> None:
     assert torch.equal(torch.rand(3), expected)
 
 
+@pytest.mark.slow
 def test_seeded_training_run_has_the_same_metrics_streamed_and_in_memory(
     image_root: Path, tmp_path: Path
 ) -> None:
@@ -157,11 +159,11 @@ def test_auto_streams_when_the_images_exceed_the_limit(tmp_path: Path, caplog) -
 def test_auto_limit_is_half_the_available_memory(tmp_path: Path, monkeypatch, caplog) -> None:
     root = make_folder(tmp_path / "d", per_class=3, validation=1)
     need = 12 * 3 * 16 * 16
-    monkeypatch.setattr(src.data, "memory_available", lambda: 2 * need - 2)
+    monkeypatch.setattr(src.data.memory, "memory_available", lambda: 2 * need - 2)
     with caplog.at_level(logging.INFO, logger="src.data"):
         assert folder_data(root).streaming
     assert "data.memory_limit_gb=null: 50% of the" in caplog.text
-    monkeypatch.setattr(src.data, "memory_available", lambda: 2 * need)
+    monkeypatch.setattr(src.data.memory, "memory_available", lambda: 2 * need)
     assert not folder_data(root).streaming
 
 

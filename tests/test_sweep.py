@@ -39,6 +39,7 @@ def hparams_in_events(run_dir: Path) -> tuple[dict[str, Any], set[str]]:
     return hparams, metrics
 
 
+@pytest.mark.slow
 def test_multirun_summary_has_every_job_best_first_and_the_failed_one_last(tmp_path: Path) -> None:
     make_folder(tmp_path / "data", per_class=8, validation=4)
     command = [sys.executable, "-m", "src.train", "-m", "batch_size=0,1,3,8", "data=imagefolder"]
@@ -196,6 +197,7 @@ def test_launchers_ddp_and_search_configs() -> None:
     assert search.hydra.sweeper.sampler.seed == search.seed
 
 
+@pytest.mark.slow
 def test_parallel_jobs_with_the_same_frozen_backbone_extract_once(tmp_path: Path) -> None:
     """Two jobs side by side (hydra/launcher=parallel) share a feature cache key: the lock makes
     one extract (VGG19 at 128 px: seconds, long enough for the other to find no file yet) and

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import torchvision
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -90,6 +91,7 @@ def test_same_seed_gives_the_same_metrics(tiny_cfg):
     assert results[0]["test/loss"] == results[1]["test/loss"]
 
 
+@pytest.mark.slow
 def test_command_line_run_writes_events_checkpoints_and_result(image_root, tmp_path):
     run_dir = tmp_path / "run"
     command = [
@@ -114,7 +116,7 @@ def test_command_line_run_writes_events_checkpoints_and_result(image_root, tmp_p
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     written = json.loads((run_dir / "result.json").read_text())
     assert written["trainable_params"] == 3843
-    # from the process's start: after the imports and data, before the run ended
-    assert 1.0 < written["first_batch_s"] < elapsed - written["mean_epoch_s"]
+    # from the process's start, before the run ended (no wall-clock bound: bench/ measures speed)
+    assert 0 < written["first_batch_s"] < elapsed - written["mean_epoch_s"]
     # the training loop, its checkpoint writes included, within the run and after the first batch
     assert written["mean_epoch_s"] <= written["fit_s"] < elapsed - written["first_batch_s"]

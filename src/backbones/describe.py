@@ -81,15 +81,20 @@ def map_format(shape: tuple[int, ...], num_features: int) -> str:
     return "NHWC" if shape[-1] == num_features and shape[1] != num_features else "NCHW"
 
 
-def probe(module: nn.Module, image_size: int, name: str) -> tuple[int, str, str]:
-    """(feature size, Grad-CAM layer, its output format) from one forward pass at `image_size`.
+@dataclass
+class _Trace:
+    """What one forward pass showed: each layer's last output, when each attention block
+    started and each LayerNorm ran (by call order), and the feature size."""
 
-    The Grad-CAM layer is the last module, run once, whose output is a spatial map (at least
-    2x2, not a pooling layer's, not inside attention), unless a transformer's attention runs
-    later: then the norm that feeds the last attention, whose patch tokens still pass gradient
-    to the class token.
-    A model that refuses the size stops here with one line.
-    """
+    outputs: dict[str, _Output]
+    attention_starts: list[int]
+    norms: list[tuple[int, str]]
+    num_features: int
+
+
+def trace(module: nn.Module, image_size: int, name: str) -> _Trace:
+    """Run `module` once on a zero image at `image_size`, recording every layer's output; a
+    model that refuses the size stops here with one line."""
     outputs: dict[str, _Output] = {}
     pooled: list[torch.Tensor] = []  # kept alive, so that no other output reuses their ids
     attention_starts: list[int] = []
@@ -115,7 +120,6 @@ def probe(module: nn.Module, image_size: int, name: str) -> tuple[int, str, str]
 
         return hook
 
-    attentions = [n + "." for n, m in module.named_modules() if n and is_attention(m)]
     handles = []
     for layer_name, layer in module.named_modules():
         if layer_name:
@@ -133,7 +137,20 @@ def probe(module: nn.Module, image_size: int, name: str) -> tuple[int, str, str]
     finally:
         for handle in handles:
             handle.remove()
-    num_features = out.shape[1]
+    return _Trace(outputs, attention_starts, norms, out.shape[1])
+
+
+def probe(module: nn.Module, image_size: int, name: str) -> tuple[int, str, str]:
+    """(feature size, Grad-CAM layer, its output format) from one forward pass at `image_size`.
+
+    The Grad-CAM layer is the last module, run once, whose output is a spatial map (at least
+    2x2, not a pooling layer's, not inside attention), unless a transformer's attention runs
+    later: then the norm that feeds the last attention, whose patch tokens still pass gradient
+    to the class token.
+    """
+    seen = trace(module, image_size, name)
+    num_features = seen.num_features
+    attentions = [n + "." for n, m in module.named_modules() if n and is_attention(m)]
 
     def spatial(o: _Output) -> bool:
         if o.calls != 1 or len(o.shape) != 4 or o.pooled:
@@ -143,10 +160,10 @@ def probe(module: nn.Module, image_size: int, name: str) -> tuple[int, str, str]
         side = o.shape[1:3] if map_format(o.shape, num_features) == "NHWC" else o.shape[2:]
         return min(side) > 1
 
-    maps = [(o.order, n, o.shape) for n, o in outputs.items() if spatial(o)]
+    maps = [(o.order, n, o.shape) for n, o in seen.outputs.items() if spatial(o)]
     last_map = max(maps, default=(-1, "", ()))
-    if attention_starts and last_map[0] < attention_starts[-1]:
-        feeding = [n for n in norms if n[0] < attention_starts[-1]]
+    if seen.attention_starts and last_map[0] < seen.attention_starts[-1]:
+        feeding = [n for n in seen.norms if n[0] < seen.attention_starts[-1]]
         if feeding:
             return num_features, max(feeding)[1], "tokens"
     if not last_map[1]:

@@ -47,14 +47,8 @@ def check_classes(training: Path, classes: list[str], split: Split, problem: str
 def read_folder(
     root: Path, on_bad_image: str = "fail", scan_cache: str | Path | None = None
 ) -> tuple[list[str], Split, Split | None]:
-    """The classes, training images and validation images (None without validation/) of `root`.
-
-    Checks the layout and scans every image first (the class folders are listed and the images
-    checked in parallel; `scan_cache` keeps the checks of unchanged files for the next run): each
-    problem raises a UserError naming it and the fix; unreadable images are named
-    (`on_bad_image="fail"`) or left out with a warning (`"skip"`); other files are left out with a
-    warning, hidden files and junk silently.
-    """
+    """The classes, training images and validation images (None without validation/) of `root`
+    in the published layout, checked by `read_classes`."""
     training, validation = root / "training", root / "validation"
     if not root.is_dir():
         where = "" if root.is_absolute() else f" (from {Path.cwd()})"
@@ -65,20 +59,40 @@ def read_folder(
         raise UserError(
             f"no training folder {training}. Fix: point data.root at a folder holding {LAYOUT}"
         )
+    given = {"test": validation} if validation.is_dir() else {}
+    classes, train, splits = read_classes(root, training, given, on_bad_image, scan_cache)
+    return classes, train, splits.get("test")
+
+
+def read_classes(
+    root: Path,
+    training: Path,
+    given: dict[str, Path],
+    on_bad_image: str = "fail",
+    scan_cache: str | Path | None = None,
+) -> tuple[list[str], Split, dict[str, Split]]:
+    """The classes (the sub-folders of `training`), training images and the images of each
+    folder in `given` (a role, val or test, to its folder, which must hold every class).
+
+    Checks the folders and scans every image first (the class folders are listed and the images
+    checked in parallel; `scan_cache` keeps the checks of unchanged files for the next run): each
+    problem raises a UserError naming it and the fix; unreadable images are named
+    (`on_bad_image="fail"`) or left out with a warning (`"skip"`); other files are left out with a
+    warning, hidden files and junk silently.
+    """
     classes = class_folders(training)
     if len(classes) < 2:
         raise UserError(
             f"{training} has {len(classes)} class folder(s) {classes}, training needs at least 2. "
             f"Fix: put each class's images in its own folder {training}/<class>/"
         )
-    has_validation = validation.is_dir()
-    extra = sorted(set(class_folders(validation)) - set(classes)) if has_validation else []
-    if extra:
-        raise UserError(
-            f"{validation} has classes that {training} lacks: {', '.join(extra)}. "
-            "Fix: add training images for them, or remove them from validation/"
-        )
-    tops = [training, validation] if has_validation else [training]
+    for top in given.values():
+        if extra := sorted(set(class_folders(top)) - set(classes)):
+            raise UserError(
+                f"{top} has classes that {training} lacks: {', '.join(extra)}. "
+                f"Fix: add training images for them, or remove them from {top.name}/"
+            )
+    tops = [training, *given.values()]
     folders = [top / c for top in tops for c in classes if (top / c).is_dir()]
     with ThreadPoolExecutor(usable_cores()) as pool:
         listed = dict(zip(folders, pool.map(list_folder, folders), strict=True))
@@ -107,16 +121,29 @@ def read_folder(
     bad = drop_bad_images(root, files, on_bad_image, cache)
     train = read_split(training, bad)
     check_classes(training, classes, train, "only unreadable images")
-    test = read_split(validation, bad) if has_validation else None
-    if test is not None and not test.paths:
+    splits = {role: read_split(top, bad) for role, top in given.items()}
+    for role, top in given.items():
+        check_given(top, classes, splits[role], role, f"{training.name}/")
+    return classes, train, splits
+
+
+def check_given(where: Path, classes: list[str], split: Split, role: str, pool: str) -> None:
+    """A UserError when a given `role` split (the folder `where`, or a table file's `role` rows)
+    lacks images or classes; without it, the split is carved from `pool`."""
+    folder = where.is_dir()
+    name = f"{where.name}/" if folder else f"the {role} rows"
+    fix = f"or remove {name} (the {role} set is then split from {pool})"
+    if not split.paths:
         raise UserError(
-            f"no images in {validation}. Fix: add images to validation/<class>/, or remove "
-            "validation/ (the test set is then split from training/)"
+            f"no images in {where}. Fix: add images to {name}<class>/, {fix}"
+            if folder
+            else f"no {role} rows in {where}. Fix: add some, {fix}"
         )
-    if test is not None and (lacking := missing_classes(validation, classes, test)):
+    lacking = missing_classes(where, classes, split)
+    if lacking and not folder:
+        lacking = [f"class {Path(c).name} of {where}" for c in lacking]
+    if lacking:
         raise UserError(
-            f"no images in {', '.join(lacking)}: the test set (validation/) needs every class. "
-            "Fix: add images there, or remove validation/ (the test set is then split from "
-            "training/)"
+            f"no images in {', '.join(lacking)}: the {role} set ({name}) needs every class. "
+            f"Fix: add images there, {fix}"
         )
-    return classes, train, test

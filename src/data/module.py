@@ -14,59 +14,36 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 
 from src.data.datasets import ImagesDataset, StreamingDataset
-from src.data.folder import Split, read_folder
-from src.data.images import decode_all, usable_cores, worker_start
+from src.data.device_augment import AUGMENT_ON, DeviceAugmentation
+from src.data.exclude import drop_excluded
+from src.data.folder import Split
+from src.data.images import check_resize, decode_all, usable_cores, worker_start
+from src.data.layouts import describe, read_source
 from src.data.memory import memory_limit
 from src.data.sampling import SAMPLERS, EpochBalanced, EpochShuffle, world_size
-from src.data.splits import holdout_split, kfold_split, split_hash, split_settings
+from src.data.splits import (
+    check_settings,
+    compare_split,
+    layout_record,
+    layout_split,
+    split_hash,
+    split_settings,
+)
 from src.frozen.batches import EpochBatches, FeaturesDataset
-from src.run.config import check_value, shown, whole
 from src.run.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-def check_settings(
-    val_fraction: float,
-    test_fraction: float,
-    folds: int | None,
-    fold: int,
-    num_workers: int | str,
-    in_memory: bool | str,
-    memory_limit_gb: float | None,
-) -> None:
-    """A one-line UserError for a data setting of the wrong type or range, by the rules of
-    src.run.config (for a data module built without the command line)."""
-    for key, value in {
-        "val_fraction": val_fraction,
-        "test_fraction": test_fraction,
-        "folds": folds,
-        "num_workers": num_workers,
-        "in_memory": in_memory,
-        "memory_limit_gb": memory_limit_gb,
-    }.items():
-        check_value(f"data.{key}", value)
-    last_fold = folds - 1 if folds is not None else 0
-    if not whole(0, last_fold)(fold):
-        raise UserError(
-            f"data.fold={shown(fold)} is invalid: it must be a whole number from 0 to "
-            f"{last_fold} (data.folds={shown(folds)}). Fix: e.g. data.fold=0"
-        )
-    if folds is None and val_fraction + test_fraction >= 1:
-        raise UserError(
-            f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} leave no "
-            "training images. Fix: fractions that add up to less than 1, e.g. 0.1 and 0.1"
-        )
-
-
-class ImageFolderData(L.LightningDataModule):
+class ImageFolderData(DeviceAugmentation, L.LightningDataModule):
     """`<root>/training/<class>/*` split into train/val/test, or train/val with test =
     `<root>/validation/`; or one fold of a K-fold cross-validation (`folds`, `fold`).
 
     Decoded images take 3 x image_size^2 bytes each (75 KiB at 160 px: 10,000 take 0.7 GiB).
     `in_memory="auto"` keeps them in memory when they fit `memory_limit_gb` (null: half of the
     available memory) and training runs in one process, else streams them from disk: decoded per
-    item in `num_workers` DataLoader workers (auto: the usable cores, per device).
+    item in `num_workers` DataLoader workers (auto: the usable cores, per device). `augment_on`:
+    where in-memory training images are augmented (src.data.device_augment; auto: on a GPU).
     """
 
     def __init__(
@@ -88,10 +65,19 @@ class ImageFolderData(L.LightningDataModule):
         scan_cache: str | None = None,
         pin_memory: bool | None = None,
         sampler: str = "shuffle",
+        layout: str = "auto",
+        path_column: str | None = None,
+        label_column: str | None = None,
+        resize: str = "squash",
+        exclude: str | None = None,
+        augment_on: str = "auto",
     ) -> None:
         super().__init__()
         if sampler not in SAMPLERS:
             raise UserError(f"unknown sampler {sampler!r}. Fix: sampler={'|'.join(SAMPLERS)}")
+        if augment_on not in AUGMENT_ON:
+            raise UserError(f"unknown augment_on {augment_on!r}. Fix: {'|'.join(AUGMENT_ON)}")
+        self.augment_on = augment_on
         self.sampler = sampler
         check_settings(
             val_fraction, test_fraction, folds, fold, num_workers, in_memory, memory_limit_gb
@@ -101,19 +87,22 @@ class ImageFolderData(L.LightningDataModule):
         self.train_transform, self.seed, self.pin_memory = train_transform, seed, pin_memory
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.folds, self.fold = folds, fold
-        self.classes, training, validation = read_folder(self.root, on_bad_image, scan_cache)
-        carve_val = val_fraction if validation is None else None
-        if folds is not None:
-            parts = kfold_split(training, self.classes, folds, fold, carve_val, seed)
-        else:
-            test = test_fraction if validation is None else 0
-            parts = holdout_split(training, self.classes, val_fraction, test, seed)
-        everything = Split(
-            training.paths + (validation.paths if validation else []),
-            training.labels + (validation.labels if validation else []),
+        self.resize = check_resize(resize)
+        source = read_source(self.root, layout, on_bad_image, scan_cache, path_column, label_column)
+        self.classes, self.layout, self.base = source.classes, source.layout, source.base
+        self.table_sha256, self.test_given = source.table_sha256, "test" in source.given
+        everything, parts, carved = layout_split(
+            source.train,
+            source.given,
+            self.classes,
+            {k: getattr(self, k) for k in ("seed", "val_fraction", "test_fraction")}
+            | {"folds": folds, "fold": fold},
         )
-        if validation is not None:
-            parts["test"] = list(range(len(training.paths), len(everything.paths)))
+        self.pool = source.origin["train"]  # where the splits that the data lacks are carved
+        carved = {role: how.format(pool=self.pool) for role, how in carved.items()}
+        self.test_source = source.origin.get("test") or carved["test"]
+        log.info(describe(source, self.root, carved))
+        parts, self.excluded = drop_excluded(parts, everything.paths, exclude, self.root)
         self.test_is_val = not parts["test"]
         if self.test_is_val:
             parts["test"] = parts["val"]
@@ -193,11 +182,12 @@ class ImageFolderData(L.LightningDataModule):
             labels = torch.tensor(split.labels)
             if self.streaming:
                 dataset = StreamingDataset(
-                    split.paths, labels, self.image_size, transform, self.seed
+                    split.paths, labels, self.image_size, transform, self.seed, self.resize
                 )
             else:
-                images = decode_all(split.paths, self.image_size)
+                images = decode_all(split.paths, self.image_size, self.resize)
                 dataset = ImagesDataset(images, labels, transform, self.seed)
+                dataset.defer = transform is not None and self.augments_on_device()
             self.datasets[name] = dataset
 
     def splits(self) -> dict[str, Split]:
@@ -230,29 +220,16 @@ class ImageFolderData(L.LightningDataModule):
             "folds": self.folds,
             "fold": self.fold,
             "test_is_val": self.test_is_val,
+            "exclude": self.excluded,
             "splits": {
-                name: {"count": len(s.paths), "sha256": split_hash(s, self.root, self.classes)}
+                name: {"count": len(s.paths), "sha256": split_hash(s, self.base, self.classes)}
                 for name, s in self.splits().items()
             },
-        }
+        } | layout_record(self.layout, self.table_sha256)
 
     def check_split(self, record: dict[str, Any]) -> None:
         """A one-line UserError when this module's split differs from `record`'s."""
-        settings = " ".join(f"data.{k}={shown(v)}" for k, v in split_settings(record).items())
-        then = record.get("splits")
-        if not isinstance(then, dict):
-            raise UserError(
-                "not a split record (no splits): it comes from ImageFolderData.split_record(). "
-                "Fix: a checkpoint of a training run that stored it"
-            )
-        for name, now in self.split_record()["splits"].items():
-            if then.get(name) != now:
-                count = then[name].get("count") if isinstance(then.get(name), dict) else None
-                raise UserError(
-                    f"the {name} split of {self.root} ({now['count']} images) is not the one of "
-                    f"the training run ({shown(count)} images). Fix: the training run's settings "
-                    f"{settings}, and data.root=<the folder it was trained on, unchanged>"
-                )
+        compare_split(record, self.split_record(), self.root)
 
     def state_dict(self) -> dict[str, Any]:
         """What Lightning stores in each checkpoint (under the key "ImageFolderData"): the split
@@ -308,6 +285,7 @@ class ImageFolderData(L.LightningDataModule):
             persistent_workers=workers > 0,
             multiprocessing_context=worker_start(workers),
             pin_memory=pin,
+            prefetch_factor=4 if workers and pin else None,  # a GPU waits on no decoded batch
             **({"collate_fn": FeaturesDataset.collate} if features else {}),
         )
 

@@ -13,6 +13,7 @@ import PIL
 from PIL import Image
 
 from src.data.images import parallel_map, problem
+from src.data.table import is_table, read_table
 from src.run.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -21,6 +22,14 @@ JUNK_FILES = {"thumbs.db", "desktop.ini"}  # and every hidden file (.DS_Store, m
 MAX_LISTED = 20  # bad images named in one message
 MIN_SIDE = 8  # images smaller than this (px) are used, with a warning
 SCAN_FORMAT = 1  # bump when check_image changes what it accepts
+
+
+def relative(path: Path, root: Path) -> str:
+    """`path` relative to `root` (POSIX), or absolute where it lies elsewhere (a table's row)."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
 
 
 def ignored(path: Path) -> bool:
@@ -151,7 +160,7 @@ def scan_images(
     sizes: dict[Path, str | tuple[int, int]] = {}
     todo = []
     for path, size, mtime_ns in files:
-        dims = cached_size(cached.get(path.relative_to(root).as_posix()), size, mtime_ns)
+        dims = cached_size(cached.get(relative(path, root)), size, mtime_ns)
         if dims is None:
             todo.append(path)
         else:
@@ -161,7 +170,7 @@ def scan_images(
         write_scan_cache(
             cache,
             {
-                path.relative_to(root).as_posix(): [size, mtime_ns, list(sizes[path])]
+                relative(path, root): [size, mtime_ns, list(sizes[path])]
                 for path, size, mtime_ns in files
                 if isinstance(sizes[path], tuple)
             },
@@ -173,9 +182,7 @@ def scan_images(
 
 def listing(paths: list[Path], root: Path, notes: dict[Path, str] | None = None) -> str:
     """At most MAX_LISTED paths relative to `root` (with their notes), then a count of the rest."""
-    names = [
-        f"{p.relative_to(root)}" + (f" ({notes[p]})" if notes else "") for p in paths[:MAX_LISTED]
-    ]
+    names = [relative(p, root) + (f" ({notes[p]})" if notes else "") for p in paths[:MAX_LISTED]]
     more = f" and {len(paths) - MAX_LISTED} more" if len(paths) > MAX_LISTED else ""
     return ", ".join(names) + more
 
@@ -208,12 +215,15 @@ def drop_bad_images(
 
 
 def list_inputs(path: str | Path | None, key: str = "inputs") -> list[Path]:
-    """An image file, or the images of a folder and its sub-folders (sorted; hidden files and
-    folders and junk ignored); a UserError naming `key` when there are none."""
-    fix = f"Fix: {key}=<an image file or a folder of images>"
+    """An image file, the images of a folder and its sub-folders (sorted; hidden files and
+    folders and junk ignored), or those a table lists (its path column, in its order); a
+    UserError naming `key` when there are none."""
+    fix = f"Fix: {key}=<an image file, a folder of images or a table of their paths>"
     if path is None or not str(path):
         raise UserError(f"no {key} given. {fix}")
     path = Path(path)
+    if path.is_file() and is_table(path):
+        return read_table(path, labelled=False).paths
     if path.is_file():
         return [path]
     if not path.is_dir():
@@ -228,12 +238,22 @@ def list_inputs(path: str | Path | None, key: str = "inputs") -> list[Path]:
     return sorted(found)
 
 
-def input_classes(paths: Sequence[Path], root: str | Path) -> list[str] | None:
-    """Each image's sub-folder of `root` (its class in a folder such as validation/<class>/),
-    or None unless every image sits in a sub-folder of `root`."""
+def input_classes(
+    paths: Sequence[Path], root: str | Path, classes: Sequence[str] = ()
+) -> list[str] | None:
+    """Each image's class where `root` says it: a table's label column, else its sub-folder of
+    `root` (a folder such as validation/<class>/), else (when those are not all `classes`: a
+    root of train/<class>/, test/<class>/...) the folder holding it; None where it says none."""
     root = Path(root)
+    if root.is_file():
+        return read_table(root, labelled=False).labels if is_table(root) else None
     try:
         parts = [p.relative_to(root).parts for p in paths]
     except ValueError:  # not under root
         return None
-    return [p[0] for p in parts] if parts and all(len(p) > 1 for p in parts) else None
+    if not parts or not all(len(p) > 1 for p in parts):
+        return None
+    first = [p[0] for p in parts]
+    if classes and not set(first) <= set(classes):
+        return [p[-2] for p in parts]
+    return first

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 
 from src.data.folder import Split
+from src.data.scan import relative
+from src.run.config import check_value, shown, whole
 from src.run.errors import UserError
 
 SPLIT_KEYS = ("seed", "val_fraction", "test_fraction", "folds", "fold")
@@ -117,11 +119,53 @@ def kfold_split(
     return parts
 
 
+def layout_split(
+    train: Split,
+    given: dict[str, Split],
+    classes: list[str],
+    settings: dict[str, Any],
+) -> tuple[Split, dict[str, list[int]], dict[str, str]]:
+    """All images (the training pool, then the given val and test splits) and each split's
+    indices into them: the splits a layout does not give are carved from the pool by
+    `holdout_split` or `kfold_split` (`settings`: SPLIT_KEYS), as in the published layout.
+    Also says how each carved split was made, of "{pool}" (for the log line)."""
+    seed, val_fraction, test_fraction = (settings[k] for k in SPLIT_KEYS[:3])
+    folds, fold = settings["folds"], settings["fold"]
+    carved = {}
+    if folds is not None:
+        if "val" in given:
+            raise UserError(
+                f"data.folds={folds} carves the val split from the training images, but the data "
+                "gives its own val split. Fix: data.folds=null, or no val split in the data"
+            )
+        carve_val = val_fraction if "test" not in given else None
+        parts = kfold_split(train, classes, folds, fold, carve_val, seed)
+        held = "test" if carve_val is not None else "val"
+        carved[held] = f"fold {fold} of {folds} of {{pool}} (stratified, seed {seed})"
+        if carve_val is not None:
+            carved["val"] = f"{val_fraction} of the other folds"
+    else:
+        val = 0 if "val" in given else val_fraction
+        test = 0 if "test" in given else test_fraction
+        parts = holdout_split(train, classes, val, test, seed)
+        carved = {
+            "val": f"{val} of {{pool}} (stratified, seed {seed})",
+            "test": f"{test} of {{pool}} (stratified, seed {seed})" if test else "val's images",
+        }
+    everything = Split(list(train.paths), list(train.labels))
+    for role in ("val", "test"):
+        if role in given:
+            start = len(everything.paths)
+            everything.paths += given[role].paths
+            everything.labels += given[role].labels
+            parts[role] = list(range(start, len(everything.paths)))
+    return everything, parts, carved
+
+
 def split_hash(split: Split, root: Path, classes: list[str]) -> str:
     """sha256 of a split's sorted (path relative to root, class) list: the same on any machine."""
     lines = sorted(
-        f"{p.relative_to(root).as_posix()}\t{classes[y]}"
-        for p, y in zip(split.paths, split.labels, strict=True)
+        f"{relative(p, root)}\t{classes[y]}" for p, y in zip(split.paths, split.labels, strict=True)
     )
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
@@ -136,6 +180,74 @@ def split_settings(record: dict[str, Any]) -> dict[str, Any]:
             f"not a split record (no {err}): it comes from ImageFolderData.split_record(). "
             "Fix: a checkpoint of a training run that stored it"
         ) from err
+
+
+def check_settings(
+    val_fraction: float,
+    test_fraction: float,
+    folds: int | None,
+    fold: int,
+    num_workers: int | str,
+    in_memory: bool | str,
+    memory_limit_gb: float | None,
+) -> None:
+    """A one-line UserError for a data setting of the wrong type or range, by the rules of
+    src.run.config (for a data module built without the command line)."""
+    for key, value in {
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+        "folds": folds,
+        "num_workers": num_workers,
+        "in_memory": in_memory,
+        "memory_limit_gb": memory_limit_gb,
+    }.items():
+        check_value(f"data.{key}", value)
+    last_fold = folds - 1 if folds is not None else 0
+    if not whole(0, last_fold)(fold):
+        raise UserError(
+            f"data.fold={shown(fold)} is invalid: it must be a whole number from 0 to "
+            f"{last_fold} (data.folds={shown(folds)}). Fix: e.g. data.fold=0"
+        )
+    if folds is None and val_fraction + test_fraction >= 1:
+        raise UserError(
+            f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} leave no "
+            "training images. Fix: fractions that add up to less than 1, e.g. 0.1 and 0.1"
+        )
+
+
+def layout_record(layout: str, table_sha256: str | None) -> dict[str, Any]:
+    """A split record's entries beyond the published layout's (whose record stays as it was):
+    the layout, and a table's bytes hash, so that an edited table is noticed."""
+    if layout == "published":
+        return {}
+    return {"layout": layout} | ({"table_sha256": table_sha256} if table_sha256 else {})
+
+
+def compare_split(record: dict[str, Any], now: dict[str, Any], root: Path) -> None:
+    """A one-line UserError when the split record `now` (of the data at `root`) differs from
+    `record` (a training run's)."""
+    settings = " ".join(f"data.{k}={shown(v)}" for k, v in split_settings(record).items())
+    settings += f" data.exclude={(record.get('exclude') or {}).get('file')}"
+    then = record.get("splits")
+    if not isinstance(then, dict):
+        raise UserError(
+            "not a split record (no splits): it comes from ImageFolderData.split_record(). "
+            "Fix: a checkpoint of a training run that stored it"
+        )
+    table = record.get("table_sha256")
+    if table and table != now.get("table_sha256"):
+        raise UserError(
+            f"the table {root} is not the one of the training run (its bytes differ). "
+            "Fix: data.root=<the table the run was trained on, unchanged>"
+        )
+    for name, split in now["splits"].items():
+        if then.get(name) != split:
+            count = then[name].get("count") if isinstance(then.get(name), dict) else None
+            raise UserError(
+                f"the {name} split of {root} ({split['count']} images) is not the one of "
+                f"the training run ({shown(count)} images). Fix: the training run's settings "
+                f"{settings}, and data.root=<the folder it was trained on, unchanged>"
+            )
 
 
 def checkpoint_split(checkpoint: dict[str, Any]) -> dict[str, Any] | None:

@@ -25,13 +25,14 @@ MAX_NAMED = 10  # rows named in one message
 
 @dataclass
 class Table:
-    """A table's rows: resolved image paths, label cells (stripped strings), the split of each
+    """A table's rows: resolved image paths, label cells (stripped strings; None for a table
+    read without labels), the split of each
     row (train/val/test, or None without a split column), each row's line number in the file,
     and the sha256 of the file's bytes (part of the split record: an edited table is noticed)."""
 
     file: Path
     paths: list[Path]
-    labels: list[str]
+    labels: list[str] | None
     splits: list[str] | None
     lines: list[int]
     sha256: str
@@ -97,10 +98,14 @@ def pick_column(
 
 
 def read_table(
-    file: Path, path_column: str | None = None, label_column: str | None = None
+    file: Path,
+    path_column: str | None = None,
+    label_column: str | None = None,
+    labelled: bool = True,
 ) -> Table:
     """The rows of the table `file`, checked: each problem (no such column, an empty path or
     label cell, an unknown split, a file listed twice) raises a UserError naming the lines.
+    `labelled=False` (images to predict): the labels are read only where there is a column.
     Whether each image exists and reads is checked by the caller (data.on_bad_image)."""
     if not file.is_file():
         raise UserError(f"data.root={file} not found. Fix: data.root=<a .csv, .tsv or .jsonl>")
@@ -112,42 +117,53 @@ def read_table(
     columns, rows = raw_rows(file, text)
     if not rows:
         raise UserError(f"{file} has no rows. Fix: a header line, then one row per image")
-    path_key = pick_column(file, columns, path_column, PATH_COLUMNS, "path_column")
-    label_key = pick_column(file, columns, label_column, LABEL_COLUMNS, "label_column")
-    for key, found, names in (
-        ("path", path_key, PATH_COLUMNS),
-        ("label", label_key, LABEL_COLUMNS),
-    ):
-        if found is None:
+    keys = {
+        "path": pick_column(file, columns, path_column, PATH_COLUMNS, "path_column"),
+        "label": pick_column(file, columns, label_column, LABEL_COLUMNS, "label_column"),
+        "split": pick_column(file, columns, None, SPLIT_COLUMNS, ""),
+    }
+    for key, names in (("path", PATH_COLUMNS), ("label", LABEL_COLUMNS)):
+        if keys[key] is None and (key == "path" or labelled):
             raise UserError(
                 f"{file} has no {key} column (its columns: {', '.join(columns)}; looked for "
                 f"{', '.join(names)}). Fix: data.{key}_column=<the column's name>"
             )
-    split_key = pick_column(file, columns, None, SPLIT_COLUMNS, "")
-    cells = {
-        name: [row.get(key, "").strip() for _, row in rows] if key else None
-        for name, key in (("path", path_key), ("label", label_key), ("split", split_key))
-    }
+    keys = {name: key for name, key in keys.items() if key}
+    cells = {name: [row.get(key, "").strip() for _, row in rows] for name, key in keys.items()}
     lines = [number for number, _ in rows]
-    for name, key in (("path", path_key), ("label", label_key)):
-        if empty := [n for n, cell in zip(lines, cells[name], strict=True) if not cell]:
+    for name in ("path", "label"):
+        empty = [n for n, c in zip(lines, cells.get(name, ()), strict=False) if not c]
+        if empty:
             raise UserError(
-                named_lines(file, empty, f"an empty {name} cell (column {key!r})")
+                named_lines(file, empty, f"an empty {name} cell (column {keys[name]!r})")
                 + ". Fix: fill them, or delete those rows"
             )
-    splits = None
-    if cells["split"] is not None:
-        unknown = [
-            n for n, s in zip(lines, cells["split"], strict=True) if s.lower() not in SPLIT_NAMES
-        ]
-        if unknown:
-            raise UserError(
-                named_lines(file, unknown, f"a split (column {split_key!r}) not train/val/test")
-                + ". Fix: train, val or test in each row"
-            )
-        splits = [SPLIT_NAMES[s.lower()] for s in cells["split"]]
-    folder = file.parent
-    paths = [Path(p) if Path(p).is_absolute() else folder / p for p in cells["path"]]
+    return Table(
+        file,
+        image_paths(file, lines, cells["path"]),
+        cells.get("label"),
+        row_splits(file, lines, cells["split"], keys["split"]) if "split" in cells else None,
+        lines,
+        hashlib.sha256(raw).hexdigest(),
+        keys,
+    )
+
+
+def row_splits(file: Path, lines: list[int], cells: list[str], column: str) -> list[str]:
+    """Each row's split (train, val or test; aliases such as valid accepted), or a UserError
+    naming the lines of the others."""
+    if unknown := [n for n, s in zip(lines, cells, strict=True) if s.lower() not in SPLIT_NAMES]:
+        raise UserError(
+            named_lines(file, unknown, f"a split (column {column!r}) not train/val/test")
+            + ". Fix: train, val or test in each row"
+        )
+    return [SPLIT_NAMES[s.lower()] for s in cells]
+
+
+def image_paths(file: Path, lines: list[int], cells: list[str]) -> list[Path]:
+    """The path cells resolved against the table's folder (absolute ones kept), or a UserError
+    naming the lines that list an image a second time."""
+    paths = [Path(p) if Path(p).is_absolute() else file.parent / p for p in cells]
     first: dict[Path, int] = {}
     repeated = []
     for number, path in zip(lines, paths, strict=True):
@@ -160,15 +176,7 @@ def read_table(
             named_lines(file, repeated, "an image listed a second time")
             + ". Fix: one row per image (delete the repeated rows)"
         )
-    return Table(
-        file,
-        paths,
-        cells["label"],
-        splits,
-        lines,
-        hashlib.sha256(raw).hexdigest(),
-        {"path": path_key, "label": label_key, **({"split": split_key} if split_key else {})},
-    )
+    return paths
 
 
 def keep_rows(table: Table, keep: list[bool]) -> Table:
@@ -177,9 +185,10 @@ def keep_rows(table: Table, keep: list[bool]) -> Table:
     def kept(values: list) -> list:
         return [v for v, k in zip(values, keep, strict=True) if k]
 
+    labels = kept(table.labels) if table.labels is not None else None
     splits = kept(table.splits) if table.splits is not None else None
     return Table(
-        table.file, kept(table.paths), kept(table.labels), splits, kept(table.lines),
+        table.file, kept(table.paths), labels, splits, kept(table.lines),
         table.sha256, table.columns,
     )  # fmt: skip
 

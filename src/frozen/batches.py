@@ -64,6 +64,10 @@ class FeatureChunks:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def minibatches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The run's minibatches in order: what a model steps through for this one batch."""
+        return iter(self)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for index in self.rows:
             yield (
@@ -74,10 +78,7 @@ class FeatureChunks:
 
 def minibatches(batch: Any) -> Iterator[Any]:
     """The minibatches of a DataLoader batch: a FeatureChunks' own, else the batch itself."""
-    if isinstance(batch, FeatureChunks):
-        yield from batch
-    else:
-        yield batch
+    return batch.minibatches() if isinstance(batch, FeatureChunks) else iter([batch])
 
 
 class EpochBatches(Sampler[list[list[Any]]]):

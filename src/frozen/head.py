@@ -19,6 +19,8 @@ from src.model.finetune import Finetune
 from src.run.errors import UserError
 
 log = logging.getLogger(__name__)
+CPU = torch.device("cpu")
+PROBE_GPU_ROWS = 4096  # training rows from which the probe fits on the run's GPU
 
 
 def frozen_throughout(cfg: DictConfig) -> bool:
@@ -84,15 +86,20 @@ def fit_head_by_probe(
     cfg: DictConfig,
     logger: Any,
     refit: str,
+    device: torch.device = CPU,
 ) -> dict[str, float]:
     """Fit `model`'s head as a linear probe on cached features: the L2 strength chosen on the
     val split (fits on train), then refitted at that strength on train+val (`trainval`, every
-    image the test never sees) or `train`; log one point per grid value.
+    image the test never sees) or `train`; log one point per grid value. On `device` (a GPU)
+    from PROBE_GPU_ROWS training rows, where its full-batch steps outrun the CPU's.
 
     Returns the chosen strength and the val loss and accuracy it was chosen by, which stay
     honest when the refit has seen the val images.
     """
-    labels = {name: torch.tensor(split.labels) for name, split in data.splits().items()}
+    if device.type == "cpu" or len(features["train"]) < PROBE_GPU_ROWS:
+        device = CPU
+    features = {name: x.to(device) for name, x in features.items()}
+    labels = {name: torch.tensor(s.labels, device=device) for name, s in data.splits().items()}
     multilabel = model.hparams.get("task") == "multilabel"
     fit_any = (
         fit_label_probe
@@ -181,7 +188,9 @@ class HeadPlan:
         if not (self.cached or self.lpft):
             return None
         device = trainer.strategy.root_device
-        features = cached_features(model, data, model.hparams.backbone, cfg.cache_dir, device, bf16)
+        features = cached_features(
+            model, data, model.hparams.backbone, cfg.cache_dir, device, bf16, cfg.batch_size
+        )
         if self.cached:
             chunks = trains_on_chunks(trainer, cfg)
             data.use_features(features, whole_epochs=chunks)
@@ -196,14 +205,16 @@ class HeadPlan:
         features: dict[str, torch.Tensor] | None,
         cfg: DictConfig,
         logger: Any,
+        trainer: L.Trainer,
     ) -> dict[str, float] | None:
         """Fit the head by the probe where the plan says so (the probe itself, or lpft's first
-        stage); returns the probe's choice, or None. A fine-tune's epochs are chosen on val, so
-        its head is refitted on train only."""
+        stage), on the run's device when it trains in one process; returns the probe's choice,
+        or None. A fine-tune's epochs are chosen on val, so its head is refitted on train only."""
         if self.fit != "probe" and not self.lpft:
             return None
         refit = cfg.probe.refit if self.fit == "probe" else "train"
-        probe = fit_head_by_probe(model, data, features, cfg, logger, refit)
+        device = trainer.strategy.root_device if trainer.world_size == 1 else CPU
+        probe = fit_head_by_probe(model, data, features, cfg, logger, refit, device)
         if self.fit == "probe":
             model.keep_fitted_head()
         return probe

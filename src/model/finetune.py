@@ -8,9 +8,12 @@ a param group when the backbone unfreezes, as Lightning's BaseFinetuning does, b
 from a later checkpoint and any scheduler built before the group existed.)
 """
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from src.run.errors import UserError
 
@@ -101,3 +104,30 @@ class Finetune:
 def batchnorm_layers(module: nn.Module) -> list[nn.Module]:
     """The BatchNorm layers of `module` (timm's BatchNormAct2d included)."""
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+BUCKET_BYTES = 25 * 2**20  # gradients all-reduced per collective call (DDP's default bucket)
+
+
+def reduce_gradients(parameters: Iterable[nn.Parameter], world: int) -> int:
+    """Average the gradients of `parameters` over the `world` DDP ranks, in flattened buckets
+    of BUCKET_BYTES per dtype (one collective call per bucket instead of one per tensor: a
+    ResNet-50 has 161). Returns the number of calls."""
+    buckets: dict[torch.dtype, list[list[torch.Tensor]]] = {}
+    filled: dict[torch.dtype, int] = {}
+    for grad in (p.grad for p in parameters if p.grad is not None):
+        groups = buckets.setdefault(grad.dtype, [[]])
+        if filled.get(grad.dtype, 0) >= BUCKET_BYTES:
+            groups.append([])
+            filled[grad.dtype] = 0
+        groups[-1].append(grad)
+        filled[grad.dtype] = filled.get(grad.dtype, 0) + grad.numel() * grad.element_size()
+    calls = 0
+    for group in (g for groups in buckets.values() for g in groups if g):
+        flat = _flatten_dense_tensors(group)
+        torch.distributed.all_reduce(flat)
+        flat /= world
+        for grad, reduced in zip(group, _unflatten_dense_tensors(flat, group), strict=True):
+            grad.copy_(reduced)
+        calls += 1
+    return calls

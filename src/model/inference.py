@@ -49,8 +49,10 @@ def outputs(
     device: torch.device,
     bf16: bool = False,
     grad: bool = False,
+    host: bool = True,
 ) -> Iterator[torch.Tensor]:
-    """`fn` of each batch on `device`, one float32 CPU tensor per batch, as they come.
+    """`fn` of each batch on `device`, one float32 tensor per batch, as they come: on the CPU,
+    or with `host=False` left on `device` (no wait for the device per batch).
 
     The one inference loop: features, logits and Grad-CAM maps. `grad=False` runs under
     inference mode; `bf16` under bf16 autocast (as a bf16-mixed training run computes).
@@ -58,8 +60,8 @@ def outputs(
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     with torch.enable_grad() if grad else torch.inference_mode(), autocast:
         for batch in batches:
-            out = fn(batch.to(device, non_blocking=True))
-            yield torch.as_tensor(out).detach().float().cpu()
+            out = torch.as_tensor(fn(batch.to(device, non_blocking=True))).detach().float()
+            yield out.cpu() if host else out
 
 
 def apply(
@@ -82,27 +84,37 @@ def logits(
 
 
 def logits_of_files(
-    model: TransferNet, paths: list[Path], device: torch.device, batch_size: int = 64
+    model: TransferNet,
+    paths: list[Path],
+    device: torch.device,
+    batch_size: int = 64,
+    fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    width: int | None = None,
 ) -> tuple[torch.Tensor, dict[int, str]]:
-    """Class logits of image files, decoded in streaming batches, and {index: why} for the files
-    that could not be read (their rows are NaN): a bad file is a row, not the end of the run."""
+    """Class logits (or `fn`'s `width` outputs per image) of image files, decoded in streaming
+    batches, and {index: why} for the files that could not be read (their rows are NaN): a bad
+    file is a row, not the end of the run."""
     from src.data.images import stream_images
 
     model.eval().to(device)
-    scores = torch.full((len(paths), len(model.classes)), float("nan"))
+    scores = torch.full((len(paths), width or len(model.classes)), float("nan"))
     errors: dict[int, str] = {}
     decoded: list[list[int]] = []  # the indices of each batch `outputs` takes, in order
 
     def images() -> Iterator[torch.Tensor]:
         for indices, batch, bad in stream_images(
-            paths, model.image_size, batch_size, pin_memory=device.type == "cuda"
+            paths,
+            model.image_size,
+            batch_size,
+            pin_memory=device.type == "cuda",
+            resize=model.resize,
         ):
             errors.update(bad)
             if indices:
                 decoded.append(indices)
                 yield batch
 
-    for out in outputs(model, images(), device):
+    for out in outputs(fn or model, images(), device):
         scores[decoded.pop(0)] = out
     return scores, errors
 

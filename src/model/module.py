@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.frozen.batches import minibatches
-from src.model.finetune import Finetune, batchnorm_layers
+from src.model.finetune import Finetune, batchnorm_layers, reduce_gradients
 from src.model.metrics import DEFAULT_THRESHOLD, LabelScores, multilabel_metrics, stage_metrics
 from src.model.network import TransferNet
 from src.run.checkpoints import RECORD, VERSION
@@ -66,9 +65,10 @@ class TransferModel(TransferNet, L.LightningModule):
         scheduler: dict[str, Any] | None = None,
         class_weights: list[float] | None = None,
         record: dict[str, Any] | None = None,
+        resize: str = "squash",
         task: str = "multiclass",
     ) -> None:
-        super().__init__(backbone, classes, image_size)
+        super().__init__(backbone, classes, image_size, resize)
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "record"], logger=False)
         self.record = record or {}
         self.optimizer = optimizer
@@ -89,6 +89,7 @@ class TransferModel(TransferNet, L.LightningModule):
         self.trained = False  # weights from a fit (run here or loaded): see `test_step`
         self.fitted_head = False  # the head was fitted before training (`keep_fitted_head`)
         self.steps_per_batch = 1  # optimizer steps per training batch (see train_on_chunks)
+        self.compile_backbone = False  # torch.compile the backbone in `configure_model`
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[RECORD] = {"version": VERSION, **self.record}
@@ -125,11 +126,14 @@ class TransferModel(TransferNet, L.LightningModule):
     def on_after_backward(self) -> None:
         if not self.reduce_backbone_gradients:
             return
-        world = self.trainer.world_size
-        for parameter in self.backbone.parameters():
-            if parameter.grad is not None:
-                torch.distributed.all_reduce(parameter.grad)
-                parameter.grad /= world
+        reduce_gradients(self.backbone.parameters(), self.trainer.world_size)
+
+    def configure_model(self) -> None:
+        """Compile the backbone (`compile_backbone`) in the process that trains it, at each fit or
+        test: a module pickled to a ddp_spawn rank loses its compilation, and extraction (before
+        this) and Grad-CAM (on the checkpoint, src.report.figures) stay eager."""
+        if self.compile_backbone and self.backbone._compiled_call_impl is None:
+            self.backbone.compile()
 
     def train(self, mode: bool = True) -> "TransferModel":
         """Keep a frozen backbone (or only its BatchNorm, `finetune.bn=frozen`) in eval mode.
@@ -157,8 +161,9 @@ class TransferModel(TransferNet, L.LightningModule):
         prefix: str,
         learn: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
-        """Loss and metrics of a batch's minibatches (one, or a FeatureChunks' run), logged per
-        epoch; `learn` takes each minibatch's loss (the optimizer steps of `train_on_chunks`).
+        """Loss and metrics of a batch's minibatches (the batch itself, or the run of one that
+        offers `minibatches()`, as src.frozen.batches.FeatureChunks does), logged per epoch;
+        `learn` takes each minibatch's loss (the optimizer steps of `train_on_chunks`).
 
         The loss is averaged per minibatch, as Lightning would; the class metrics count the
         run's predictions at once. The metric objects reduce over DDP ranks (the loss as a mean
@@ -167,7 +172,8 @@ class TransferModel(TransferNet, L.LightningModule):
         training = stage == "train"
         metrics = self.metrics[f"{stage}_metrics"]
         predictions, targets = [], []
-        for x, y in minibatches(batch):
+        runs = batch.minibatches() if hasattr(batch, "minibatches") else [batch]
+        for x, y in runs:
             logits = self.logits(x)
             if self.task == "multilabel":
                 loss = F.binary_cross_entropy_with_logits(

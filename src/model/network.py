@@ -17,15 +17,22 @@ from src.run.runtime import memory_format, normalisation, train_strided_depthwis
 class TransferNet(nn.Module):
     """Backbone (body + the model's own pre-logits pooling) -> Linear(num_features, classes).
 
-    Takes uint8 RGB images (N, 3, H, W), resized to `image_size` square, and normalises them
-    itself, so a checkpoint carries its preprocessing. A batch of 2-D inputs is taken as
+    Takes uint8 RGB images (N, 3, H, W), made `image_size` square by `resize` (squash, pad or
+    crop: src.data.images.fit_square), and normalises them itself, so a checkpoint carries its
+    preprocessing. A batch of 2-D inputs is taken as
     precomputed pooled features (the cached path of a frozen backbone) by `logits`.
     """
 
-    def __init__(self, backbone: dict[str, Any], classes: list[str], image_size: int = 160) -> None:
+    def __init__(
+        self,
+        backbone: dict[str, Any],
+        classes: list[str],
+        image_size: int = 160,
+        resize: str = "squash",
+    ) -> None:
         super().__init__()
         self.classes = list(classes)
-        self.image_size = image_size
+        self.image_size, self.resize = image_size, resize
         self.backbone_config = backbone
         net: Backbone = instantiate(backbone, image_size=image_size)
         self.backbone = net.module
@@ -44,11 +51,14 @@ class TransferNet(nn.Module):
         return self.memory_format or memory_format(self.norm, learning, device_type)
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        """The backbone's input for uint8 (or 0-255 float) images, in `input_format`."""
-        x = (images.float() - self.mean) / self.std
+        """The backbone's input for uint8 (or 0-255 float) images, in `input_format` and the
+        weights' dtype (normalised in float32 first: bf16-true and 16-true hold bf16 or fp16
+        weights, which float32 inputs would not match)."""
+        x = (images.float() - self.mean.float()) / self.std.float()
         first = next(self.backbone.parameters(), None)
         learning = torch.is_grad_enabled() and first is not None and first.requires_grad
-        return x.contiguous(memory_format=self.input_format(x.device.type, learning))
+        dtype = self.head.weight.dtype
+        return x.to(dtype).contiguous(memory_format=self.input_format(x.device.type, learning))
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features of uint8 (or 0-255 float) images."""
@@ -59,8 +69,9 @@ class TransferNet(nn.Module):
         return self.head(self.features(images))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Class logits of images, or of pooled features (2-D)."""
-        return self.head(x) if x.ndim == 2 else self(x)
+        """Class logits of images, or of pooled features (2-D, cast to the weights' dtype:
+        cached features are float32)."""
+        return self.head(x.to(self.head.weight.dtype)) if x.ndim == 2 else self(x)
 
 
 def load_model(ckpt_path: str | Path) -> TransferNet:
@@ -68,7 +79,8 @@ def load_model(ckpt_path: str | Path) -> TransferNet:
     ckpt = upgrade(read_checkpoint(ckpt_path))
     hparams = ckpt["hyper_parameters"]
     backbone = {**hparams["backbone"], "weights": None}
-    model = TransferNet(backbone, hparams["classes"], hparams["image_size"])
+    resize = hparams.get("resize", "squash")  # checkpoints from before data.resize squashed
+    model = TransferNet(backbone, hparams["classes"], hparams["image_size"], resize)
     model.load_state_dict(ckpt["state_dict"])
     model.record = ckpt.get(RECORD, {})
     model.task = hparams.get("task", "multiclass")

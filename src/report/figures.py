@@ -2,6 +2,7 @@
 and a training run's final figures in TensorBoard."""
 
 import math
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -14,7 +15,7 @@ from src.data.images import decode_all
 from src.data.module import ImageFolderData
 from src.frozen.batches import minibatches
 from src.model.inference import chunks, gradcam, logits, target_layer
-from src.model.module import TransferModel
+from src.model.network import TransferNet, load_model
 
 GRADCAM_IMAGES = 6  # the training run's heatmaps: the first test image of each class, at most
 
@@ -82,21 +83,35 @@ def gradcam_figure(
     return fig
 
 
+def tested_model(best_path: str | Path, precision: str, device: torch.device) -> TransferNet:
+    """The network of the checkpoint the final test used, on `device`, in the weights' dtype of
+    a "-true" precision: not the module in memory, which after `fit` holds the last epoch's
+    weights (under ddp_spawn), sits on the CPU (Lightning's teardown) and may be compiled (hooks
+    added to a compiled module may see no activations). Built eager from the file."""
+    model = load_model(best_path).to(device)
+    dtype = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
+    return model.to(dtype.get(precision, torch.float32))
+
+
 def log_final_figures(
-    trainer: L.Trainer, model: TransferModel, data: ImageFolderData, bf16: bool
+    trainer: L.Trainer, best_path: str | Path, data: ImageFolderData, precision: str
 ) -> None:
     """Log the final test's confusion matrix and Grad-CAM heatmaps of a few fixed test images.
 
-    Only with a TensorBoard logger. Predictions use the test's inputs (cached features or
-    images) and precision, so the matrix matches the logged `test/acc` (over the whole test
-    set: the Trainer's `limit_test_batches` does not apply here).
+    Only with a TensorBoard logger. Predictions are the tested checkpoint's (`tested_model`) on
+    the run's device, with the test's inputs (cached features or images) and precision, so the
+    matrix matches the logged `test/acc` (over the whole test set: the Trainer's
+    `limit_test_batches` does not apply here).
     """
     logger = trainer.logger
     if not isinstance(logger, TensorBoardLogger):
         return
+    device = trainer.strategy.root_device
+    model = tested_model(best_path, precision, device)
+    bf16 = precision == "bf16-mixed"
     classes = list(model.classes)
     batches = [b for batch in data.test_dataloader() for b in minibatches(batch)]
-    scores = logits(model, (x for x, _ in batches), model.device, bf16)
+    scores = logits(model, (x for x, _ in batches), device, bf16)
     labels = torch.cat([y for _, y in batches])
     matrix = multiclass_confusion_matrix(scores.argmax(1), labels, len(classes))
     step = trainer.global_step
@@ -105,10 +120,10 @@ def log_final_figures(
     )
     split = data.test_split
     picks = [split.labels.index(c) for c in sorted(set(split.labels))][:GRADCAM_IMAGES]
-    images = decode_all([split.paths[i] for i in picks], data.image_size)
-    probs = logits(model, [images], model.device).softmax(1)
+    images = decode_all([split.paths[i] for i in picks], data.image_size, data.resize)
+    probs = logits(model, [images], device, bf16).softmax(1)
     predicted = probs.argmax(1).tolist()
-    heatmaps = gradcam(model, chunks(images, 16), predicted, target_layer(model), model.device)
+    heatmaps = gradcam(model.float(), chunks(images, 16), predicted, target_layer(model), device)
     left = [f"true: {classes[split.labels[i]]}" for i in picks]
     right = [f"Grad-CAM: {classes[p]} ({probs[k, p]:.2f})" for k, p in enumerate(predicted)]
     logger.experiment.add_figure(

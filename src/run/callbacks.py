@@ -14,6 +14,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+import src
 from src.run.checkpoints import read_weights_only, upgrade
 
 log = logging.getLogger(__name__)
@@ -26,20 +27,15 @@ BEST_STATE = (
 )
 
 
-def process_age() -> float | None:
-    """Seconds since this process started (Linux's /proc, 10 ms steps), or None elsewhere."""
-    try:
-        stat = Path("/proc/self/stat").read_text()
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-    except OSError:
-        return None
-    start_ticks = int(stat.rpartition(")")[2].split()[19])  # field 22, starttime
-    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+def interpreter_age() -> float:
+    """Seconds since this interpreter imported the package (src.STARTED): since the command
+    started, whatever ran before in the same process (an exec'ing shell's commands)."""
+    return time.monotonic() - src.STARTED
 
 
 class EpochTimer(L.Callback):
     """Logs each training epoch's wall time as `time/epoch_s` and keeps the list; notes when
-    the first training batch starts, in seconds since the process started (`first_batch_s`),
+    the first training batch starts, in seconds since the command started (`first_batch_s`),
     and the whole training loop's wall time, checkpoint writes included (`fit_s`)."""
 
     def __init__(self) -> None:
@@ -61,7 +57,7 @@ class EpochTimer(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object, batch_idx: int
     ) -> None:
         if self.first_batch_s is None:
-            self.first_batch_s = process_age()
+            self.first_batch_s = interpreter_age()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.seconds.append(time.perf_counter() - self._start)

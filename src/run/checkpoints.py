@@ -105,6 +105,7 @@ def run_settings(cfg: DictConfig) -> dict[str, Any]:
         cfg.backbone.name, OmegaConf.to_container(cfg.finetune, resolve=True), cfg.freeze
     )
     settings["scheduler"] = cfg.scheduler.name
+    settings["data.resize"] = cfg.data.get("resize", "squash")
     if cfg.scheduler.get("interval") == "step":
         settings["trainer.max_epochs"] = cfg.trainer.max_epochs
     return settings
@@ -130,7 +131,8 @@ def trained_settings(checkpoint: dict[str, Any]) -> dict[str, Any]:
         settings = model_settings(hparams["backbone"]["name"], finetune, hparams["freeze"])
     else:
         settings = record["settings"]
-    return {"classes": list(hparams["classes"]), **settings}
+    resize = {"data.resize": hparams.get("resize", "squash")}  # none recorded: squash, as before
+    return {"classes": list(hparams["classes"]), **resize, **settings}
 
 
 def check_resume(ckpt_path: str | None, cfg: DictConfig, classes: list[str]) -> None:

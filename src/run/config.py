@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from src.run.errors import UserError
-from src.run.runtime import MEMORY_FORMATS
+from src.run.runtime import MEMORY_FORMATS, PRECISIONS
 
 log = logging.getLogger(__name__)
 MAX_SEED = 2**32 - 1  # what seed_everything accepts and numpy's SeedSequence needs (>= 0)
@@ -49,6 +49,12 @@ RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
         "8",
     ),
     "data.on_bad_image": (lambda v: v in ("fail", "skip"), "fail or skip", "skip"),
+    "data.layout": (
+        lambda v: v in ("auto", "published", "splits", "classes", "table"),
+        "auto, published, splits, classes or table",
+        "auto",
+    ),
+    "data.resize": (lambda v: v in ("squash", "pad", "crop"), "squash, pad or crop", "pad"),
     "data.num_workers": (
         lambda v: v == "auto" or whole(0)(v),
         "auto or a whole number, at least 0",
@@ -65,8 +71,29 @@ RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
         f"auto, {' or '.join(MEMORY_FORMATS)}",
         "auto",
     ),
+    "precision": (
+        lambda v: v in PRECISIONS,
+        " or ".join(PRECISIONS),
+        "auto",
+    ),
+    "compile": (lambda v: v in ("auto", True, False), "auto, true or false", "auto"),
+    "trainer.deterministic": (
+        lambda v: v in ("auto", True, False, "warn"),
+        "auto, true, false or warn",
+        "auto",
+    ),
     "last_ckpt_every_s": (lambda v: number(v) and v >= 0, "a number of seconds, at least 0", "10"),
     "folds": (lambda v: v is None or whole(2)(v), "null or a whole number, at least 2", "5"),
+    "calibrate": (lambda v: isinstance(v, bool), "true or false", "true"),
+    "ood": (lambda v: v is False or isinstance(v, DictConfig), "false or its settings", "false"),
+    "ood.score": (lambda v: v in ("knn", "msp", "energy"), "knn, msp or energy", "knn"),
+    "ood.k": (whole(1), "a whole number, at least 1", "5"),
+    "ood.coverage": (lambda v: number(v) and 0 < v <= 1, "a number in (0, 1]", "0.95"),
+    "ood.max_features": (
+        lambda v: v is None or whole(1)(v),
+        "null or a whole number, at least 1",
+        "20000",
+    ),
 }
 
 
@@ -93,7 +120,8 @@ def check_config(cfg: DictConfig) -> None:
     if isinstance(data, DictConfig) and OmegaConf.is_missing(data, "root"):
         raise UserError(
             "data.root is not set. Fix: data.root=/path/to/folder (holding training/<class>/"
-            "<images>), or data=footwear for the embedded images"
+            "<images>, train/ val/ test/, or a folder per class) or to a labels.csv, or "
+            "data=footwear for the embedded images"
         )
     for key in RULES:
         value = OmegaConf.select(cfg, key, default=ABSENT)

@@ -23,6 +23,9 @@ ONEDNN_ISA = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")  # oneDNN's kernel restr
 ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE",
                      "AVX512_CORE_VNNI"}  # fmt: skip
 ISAS_WITHOUT_AVX512 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2"}
+# What `precision` may be: auto, or one of Lightning's (16 and bf16 "-true" hold the weights in
+# that dtype; "-mixed" autocasts float32 weights)
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 
@@ -129,7 +132,7 @@ def bf16_supported(accelerator: str) -> bool:
     not native: `precision=bf16-mixed` asks for bf16 there.
     """
     if accelerator == "gpu":
-        return torch.cuda.get_device_capability() >= BF16_GPU_CAPABILITY
+        return gpu_capability() >= BF16_GPU_CAPABILITY
     return bool(cpu_flags() & BF16_CPU_FLAGS) and not bf16_kernels_restricted()
 
 
@@ -210,6 +213,42 @@ def train_strided_depthwise_in_fp32(module: nn.Module) -> int:
     for layer in layers:
         layer.__class__ = strided_depthwise_class(type(layer))
     return len(layers)
+
+
+def nvml_capability() -> tuple[int, int] | None:
+    """The first visible GPU's compute capability read through NVML (no CUDA context), or None
+    where NVML or the device cannot be read."""
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return None
+    if nvml.nvmlInit_v2() != 0:
+        return None
+    try:
+        handle = ctypes.c_void_p()
+        first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
+        if first.isdigit():
+            found = nvml.nvmlDeviceGetHandleByIndex_v2(int(first), ctypes.byref(handle))
+        else:  # GPU-<uuid> or MIG-<uuid>
+            found = nvml.nvmlDeviceGetHandleByUUID(first.encode(), ctypes.byref(handle))
+        major, minor = ctypes.c_int(), ctypes.c_int()
+        if found != 0 or nvml.nvmlDeviceGetCudaComputeCapability(
+            handle, ctypes.byref(major), ctypes.byref(minor)
+        ):
+            return None
+        return major.value, minor.value
+    finally:
+        nvml.nvmlShutdown()
+
+
+def gpu_capability() -> tuple[int, int]:
+    """The current GPU's compute capability: torch's once CUDA is initialised, else NVML's,
+    and torch's (which initialises CUDA) only where NVML cannot tell."""
+    if not torch.cuda.is_initialized():
+        capability = nvml_capability()
+        if capability is not None:
+            return capability
+    return torch.cuda.get_device_capability()
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:

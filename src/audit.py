@@ -1,0 +1,59 @@
+"""Audit the data before trusting a model: `python -m src.audit [data=...] [backbone=...]`.
+
+Writes label_issues.csv, duplicates.csv, outliers.csv, report.html and report.md in the run dir
+(paths relative to data.root); features come from the trainer's feature cache."""
+
+import logging
+from pathlib import Path
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from src.frozen.cache import cached_features
+from src.model.inference import pick_device
+from src.model.network import TransferNet
+from src.quality.findings import Findings, Images, audit_images
+from src.quality.hashes import hash_cache_file
+from src.quality.page import counts, write_pages
+from src.run.errors import exit_on_user_error
+from src.run.runtime import quiet_lightning, resolve_precision
+
+log = logging.getLogger(__name__)
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def audit(cfg: DictConfig) -> Findings:
+    """Find label issues, copies (leaks first) and outliers in `cfg.data`; write the files."""
+    quiet_lightning()
+    data = instantiate(cfg.data)
+    backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
+    model = TransferNet(backbone, data.classes, cfg.image_size)
+    device = pick_device(cfg.device)
+    precision = resolve_precision(cfg.precision, "gpu" if device.type == "cuda" else "cpu")
+    features = cached_features(
+        model, data, backbone, cfg.cache_dir, device, "bf16" in precision, cfg.batch_size
+    )
+    images = Images.of(data, features)
+    hash_cache = hash_cache_file(cfg.data.get("scan_cache"), data.root)
+    settings = OmegaConf.to_container(cfg.audit, resolve=True)
+    findings = audit_images(images, settings, hash_cache)
+    out = Path(cfg.output_dir)
+    findings.write(out)
+    write_pages(findings, data.root, out, cfg.audit.page_limit)
+    print(
+        " ".join(f"{k.split(' (')[0].replace(' ', '_')}={v}" for k, v in counts(findings).items())
+    )
+    print(f"report: {out / 'report.html'}")
+    return findings
+
+
+@exit_on_user_error
+@hydra.main(config_path=CONF_DIR, config_name="audit", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    """Command-line entry: Hydra composes `cfg` from conf/ and the overrides."""
+    audit(cfg)
+
+
+if __name__ == "__main__":
+    main()

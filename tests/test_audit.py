@@ -1,0 +1,167 @@
+"""The data audit (src.quality, src.audit) and data.exclude."""
+
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+from PIL import Image
+
+from src.audit import audit
+from src.data.module import ImageFolderData
+from src.quality.duplicates import CopyRules, find_copies
+from src.quality.hashes import fingerprints
+from src.quality.label_issues import label_issues
+from src.quality.leaks import warn_if_leaks
+from src.quality.neighbours import nearest
+from src.quality.outliers import outliers
+from src.run.errors import UserError
+from tests.conftest import CONF_DIR, calibrated_mobilenet_v2, make_folder
+
+
+def smooth_folder(root: Path, per_class: int = 6, test: int = 3) -> Path:
+    """3 classes of distinct smooth random images (6 x 6 noise upscaled to 32 px, RGB)."""
+    rng = np.random.default_rng(0)
+    for top, count in (("training", per_class), ("validation", test)):
+        for c in range(3):
+            folder = root / top / f"class_{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                small = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+                image = Image.fromarray(small).resize((32, 32), Image.Resampling.BICUBIC)
+                image.save(folder / f"image{i}.png")
+    return root
+
+
+def test_planted_label_errors_rank_above_clean_ones(one_thread):
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 16, generator=generator) * 3
+    labels = torch.arange(3).repeat_interleave(40)
+    features = centres[labels] + torch.randn(120, 16, generator=generator)
+    noisy = labels.clone()
+    planted = [0, 41, 82, 5, 46, 87]
+    for i in planted:
+        noisy[i] = (labels[i] + 1) % 3
+    found = label_issues(features, noisy, 3, folds=5, l2=1.0, seed=0)
+    ranked = [i for i, _, _ in found]
+    assert sorted(ranked[: len(planted)]) == sorted(planted)
+    assert all(suggested == int(labels[i]) for i, suggested, _ in found[: len(planted)])
+
+
+def test_exact_and_resized_reencoded_test_copies_are_leaks(tmp_path):
+    root = smooth_folder(tmp_path / "data")
+    exact = root / "training" / "class_0" / "copy.png"
+    shutil.copy(root / "validation" / "class_0" / "image0.png", exact)
+    with Image.open(root / "validation" / "class_1" / "image1.png") as image:
+        image.resize((56, 56), Image.Resampling.LANCZOS).save(
+            root / "training" / "class_1" / "copy.jpg", "JPEG", quality=85
+        )
+    data = ImageFolderData(str(root), image_size=32, val_fraction=0.2, seed=0)
+    paths = data.train_split.paths + data.val_split.paths + data.test_split.paths
+    splits = ["train"] * len(data.train_split.paths) + ["val"] * len(data.val_split.paths)
+    splits += ["test"] * len(data.test_split.paths)
+    digests, thumbs = fingerprints(paths, tmp_path / "hashes.json")
+    features = torch.eye(len(paths))  # features that see no copy: the pixels must
+    copies = find_copies(digests, thumbs, nearest(features, 3), splits, CopyRules())
+    names = {(paths[a].name, paths[b].name, kind) for a, b, kind, _ in copies}
+    assert len(copies) == 2 and all("test" in (splits[a], splits[b]) for a, b, _, _ in copies)
+    assert {("copy.png", "image0.png", "exact"), ("copy.jpg", "image1.png", "near")} <= {
+        (*sorted((x, y)), kind) for x, y, kind in names
+    }
+    assert warn_if_leaks(data, tmp_path / "scan") == 2
+
+
+def test_image_from_another_distribution_ranks_first_among_outliers():
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(60, 32, generator=generator) * 0.2 + torch.ones(32)
+    features[17] = torch.randn(32, generator=generator)  # unlike the rest
+    ranked = outliers(nearest(features, 5)[0], min_z=3.0)
+    assert ranked[0][0] == 17 and len(ranked) <= 3
+
+
+def test_exclude_removes_exactly_the_listed_files_and_changes_the_record(tmp_path):
+    root = make_folder(tmp_path / "data", per_class=8, validation=4)
+    before = ImageFolderData(str(root), image_size=16, seed=0)
+    listed = [before.train_split.paths[0], before.test_split.paths[1]]
+    exclude = tmp_path / "exclude.csv"
+    rows = [p.relative_to(root).as_posix() + ",x" for p in listed]
+    exclude.write_text("path,split\n" + "\n".join(rows) + "\n")
+    after = ImageFolderData(str(root), image_size=16, seed=0, exclude=str(exclude))
+    for name, split in before.splits().items():
+        kept = [p for p in split.paths if p not in listed]
+        assert after.splits()[name].paths == kept
+    record = after.split_record()
+    assert record["exclude"]["count"] == 2 and before.split_record()["exclude"] is None
+    assert record["splits"]["train"] != before.split_record()["splits"]["train"]
+    with pytest.raises(UserError, match="not the one of the training run"):
+        before.check_split(record)
+
+
+@pytest.mark.parametrize("content", [None, "training/class_0/nope.png\n"])
+def test_bad_exclude_file_is_one_line(tmp_path, content):
+    root = make_folder(tmp_path / "data", per_class=4)
+    exclude = tmp_path / "exclude.txt"
+    if content is not None:
+        exclude.write_text(content)
+    with pytest.raises(UserError) as err:
+        ImageFolderData(str(root), image_size=16, seed=0, exclude=str(exclude))
+    assert "\n" not in str(err.value) and "Fix:" in str(err.value)
+
+
+class Page(HTMLParser):
+    """Checks that tags nest and collects the embedded images."""
+
+    VOID = {"meta", "img", "br"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open: list[str] = []
+        self.images: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+        elif tag not in self.VOID:
+            self.open.append(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        assert self.open.pop() == tag
+
+
+def test_audit_writes_csvs_and_a_valid_page_embedding_every_listed_image(tmp_path, one_thread):
+    root = smooth_folder(tmp_path / "data", per_class=8, test=4)
+    shutil.copy(root / "validation/class_2/image0.png", root / "training/class_2/leak.png")
+    weights = calibrated_mobilenet_v2(root, tmp_path / "calibrated.pth")
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            "audit",
+            [
+                f"backbone.weights={weights}",
+                "data=imagefolder",
+                f"data.root={root}",
+                "image_size=32",
+                "precision=32-true",
+                "audit.folds=3",
+            ],
+        )
+    with open_dict(cfg):
+        cfg.output_dir, cfg.cache_dir = str(tmp_path / "out"), str(tmp_path / "cache")
+        cfg.data.scan_cache = str(tmp_path / "scan")
+    (tmp_path / "out").mkdir()
+    findings = audit(cfg)
+    out = tmp_path / "out"
+    assert findings.leaks()[0]["kind"] == "exact"
+    for name in ("label_issues", "duplicates", "outliers"):
+        assert (out / f"{name}.csv").read_text().startswith(("path,", "path_a,"))
+    page = Page()
+    page.feed((out / "report.html").read_text())
+    assert page.open == []
+    listed = len(findings.rows["label_issues"]) + len(findings.rows["outliers"])
+    listed += 2 * len(findings.rows["duplicates"])
+    assert len(page.images) == listed > 0
+    assert all(src.startswith("data:image/jpeg;base64,") for src in page.images)
+    assert "| leaks (copies across train/val and test) | 1 |" in (out / "report.md").read_text()
