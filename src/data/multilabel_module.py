@@ -11,7 +11,9 @@ import lightning as L
 import torch
 from torch.utils.data import Dataset
 
+from src.data.device_augment import AUGMENT_ON
 from src.data.folder import Split
+from src.data.images import check_resize
 from src.data.module import ImageFolderData, check_settings
 from src.data.multilabel import LabelTable, read_label_table
 from src.data.multilabel_splits import given_split, holdout_split, kfold_split, warn_missing
@@ -95,8 +97,22 @@ class MultiLabelData(ImageFolderData):
         label_columns: list[str] | None = None,
         label_delimiter: str | None = None,
         labels: Any = None,
+        resize: str = "squash",
+        augment_on: str = "auto",
+        exclude: str | None = None,
+        layout: str = "auto",
     ) -> None:
         L.LightningDataModule.__init__(self)
+        if exclude is not None:
+            raise UserError(
+                f"data.exclude={exclude} is not supported for a multi-label table yet. "
+                "Fix: delete those rows from the table, and data.exclude=null"
+            )
+        if layout not in ("auto", "table"):
+            raise UserError(f"data.layout={layout} cannot read a table. Fix: data.layout=auto")
+        if augment_on not in AUGMENT_ON:
+            raise UserError(f"unknown augment_on {augment_on!r}. Fix: {'|'.join(AUGMENT_ON)}")
+        self.resize, self.augment_on, self.excluded = check_resize(resize), augment_on, None
         if sampler != "shuffle":
             raise UserError(
                 f"sampler={sampler} draws by class, which a multi-label image has several of. "
@@ -126,6 +142,10 @@ class MultiLabelData(ImageFolderData):
                 "and thresholds (optimistic). Fix: data.test_fraction=0.1, or test rows"
             )
         self._all = Split(labels.table.paths, label_rows(labels.targets))
+        self.layout, self.base = "table", labels.table.file.parent
+        self.table_sha256 = labels.table.sha256
+        self.test_given = labels.table.splits is not None and bool(parts["test"])
+        self.pool = self.test_source = str(labels.table.file)
         self._indices = parts
         self.train_split, self.val_split, self.test_split = (
             Split([self._all.paths[i] for i in ids], [self._all.labels[i] for i in ids])

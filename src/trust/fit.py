@@ -134,8 +134,12 @@ def calibrate_and_store(
 ) -> dict[str, Any]:
     """After the final test: rank 0 fits the temperature and the OOD threshold on the best
     weights, stores them in best.ckpt (and last.ckpt) and returns the figures for result.json;
-    every rank gets the same figures. `calibrate=false ood=false`: nothing."""
+    every rank gets the same figures. `calibrate=false ood=false`: nothing; a multi-label model
+    (independent sigmoids, thresholds chosen on val instead): nothing, said once."""
     if not cfg.calibrate and not cfg.ood:
+        return {}
+    if getattr(model, "task", "multiclass") == "multilabel":
+        log.info("calibration and unknown are for exclusive classes: a multi-label run skips them")
         return {}
     figures: dict[str, Any] | None = None
     if trainer.is_global_zero:
