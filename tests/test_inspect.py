@@ -157,7 +157,7 @@ def test_predict_top_k_from_checkpoint_class_names(tiny: dict[str, Path], tmp_pa
         assert len(probs) == 2 and probs[0] >= probs[1] and sum(probs) <= 1 + 1e-6
         assert {t["class"] for t in record["top"]} <= {"class_0", "class_1", "class_2"}
     rows = (tmp_path / "a/predictions.csv").read_text().splitlines()
-    assert rows[0] == "image,rank,class,probability,error" and len(rows) == 1 + 4 * 2
+    assert rows[0] == "image,rank,class,probability,score,unknown,error" and len(rows) == 1 + 4 * 2
     assert json.loads((tmp_path / "a/predictions.json").read_text()) == records
     one = folder / "image0.png"
     cfg = command_cfg(

@@ -94,7 +94,7 @@ def test_forward_takes_uint8_images():
     assert logits.shape == (4, 6)
     torch.testing.assert_close(logits, from_features)
     torch.testing.assert_close(logits, from_floats)
-    torch.testing.assert_close(logits, by_hand, atol=1e-4, rtol=1e-3)  # memory formats differ
+    torch.testing.assert_close(logits, by_hand, atol=5e-4, rtol=1e-3)  # memory formats differ
     assert torch.cdist(logits, logits).add(torch.eye(4)).min() > 1e-3  # each image its own
 
 

@@ -8,11 +8,16 @@ from matplotlib.figure import Figure
 ECE_BINS = 15
 
 
+MAX_TEMPERATURE = 20.0
+
+
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """The temperature T > 0 that minimises the NLL of softmax(logits / T) on these (val) logits.
 
     One parameter, fitted as log T by L-BFGS: it rescales confidence without changing any
-    prediction. Rows with a non-finite logit or label are left out.
+    prediction. Rows with a non-finite logit or label are left out. T stays within
+    [1/MAX_TEMPERATURE, MAX_TEMPERATURE]: on a few val images that the model gets wrong the
+    optimum runs off to infinity (uniform probabilities), which says nothing useful.
     """
     keep = torch.isfinite(logits).all(1) & torch.isfinite(labels.float())
     logits, labels = logits[keep].double(), labels[keep].long()
@@ -28,7 +33,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
         return loss
 
     optimizer.step(closure)
-    return float(log_t.detach().exp())
+    return float(log_t.detach().exp().clamp(1 / MAX_TEMPERATURE, MAX_TEMPERATURE))
 
 
 def reliability(
