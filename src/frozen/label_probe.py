@@ -7,13 +7,18 @@ so the labels do not interact and the joint optimum is every label's own optimum
 for all labels, chosen on the val split by mean average precision or loss, as `fit_probe`.
 """
 
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from src.frozen.probe import DEFAULT_L2_GRID, check_grid, fold_standardisation, standardisation
+from src.frozen.probe import (
+    DEFAULT_L2_GRID,
+    check_grid,
+    fold_standardisation,
+    minimise,
+    standardisation,
+)
 from src.model.metrics import mean_average_precision
 
 SELECTIONS = ("loss", "mAP")
@@ -45,34 +50,12 @@ def fit_labels(
     max_iter: int = 1000,
     tol: float = 1e-8,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Minimise `label_objective` by L-BFGS (float64, strong Wolfe) from `init` or zeros."""
-    labels = y.shape[1]
-    if init is None:
-        weight, bias = z.new_zeros(labels, z.shape[1]), z.new_zeros(labels)
-    else:
-        weight, bias = (t.detach().to(z).clone() for t in init)
-    weight.requires_grad_(True)
-    bias.requires_grad_(True)
-    optimizer = torch.optim.LBFGS(
-        [weight, bias], max_iter=max_iter, max_eval=2 * max_iter, tolerance_grad=tol,
-        tolerance_change=tol**2, line_search_fn="strong_wolfe",
-    )  # fmt: skip
+    """Minimise `label_objective` by L-BFGS (src.frozen.probe.minimise) from `init` or zeros."""
 
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = label_objective(z, y, weight, bias, l2)
-        loss.backward()
-        return loss
+    def loss(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return label_objective(z, y, weight, bias, l2)
 
-    optimizer.step(closure)
-    state = optimizer.state_dict()["state"][0]
-    if state["n_iter"] >= max_iter or state["func_evals"] >= 2 * max_iter:
-        warnings.warn(
-            f"L-BFGS at l2={l2:g} ran out of iterations before the gradient reached {tol:g}",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    return weight.detach(), bias.detach()
+    return minimise(loss, (y.shape[1], z.shape[1]), z, init, max_iter, tol, l2)
 
 
 def fit_label_probe(

@@ -7,6 +7,7 @@ split), then refitted at the chosen strength. The result is a (weight, bias) pai
 """
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -64,28 +65,25 @@ def objective(
     return F.cross_entropy(F.linear(x, weight, bias), y) + 0.5 * l2 * weight.square().sum()
 
 
-def fit_logistic(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    num_classes: int,
+def minimise(
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    shape: tuple[int, int],
+    like: torch.Tensor,
+    init: tuple[torch.Tensor, torch.Tensor] | None,
+    max_iter: int,
+    tol: float,
     l2: float,
-    init: tuple[torch.Tensor, torch.Tensor] | None = None,
-    max_iter: int = 1000,
-    tol: float = 1e-8,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Minimise `objective` over (W, b) on the features as given, by full-batch L-BFGS.
+    """Minimise `loss(W, b)` over a (W, b) of `shape` (outputs, features) by full-batch L-BFGS.
 
-    float64, strong-Wolfe line search, from `init` (a (W, b) warm start, not modified) or zeros.
-    Stops when the largest gradient entry is <= `tol` (or progress stalls below tol**2); warns if
-    `max_iter` iterations (or 2 * max_iter evaluations) run out first. Returns float64 (W, b).
+    float64 like `like`, strong-Wolfe line search, from `init` (a (W, b) warm start, not
+    modified) or zeros. Stops when the largest gradient entry is <= `tol` (or progress stalls
+    below tol**2); warns if `max_iter` iterations (or 2 * max_iter evaluations) run out first.
     """
-    x = x.to(torch.float64)
-    y = y.long()
     if init is None:
-        weight, bias = x.new_zeros(num_classes, x.shape[1]), x.new_zeros(num_classes)
+        weight, bias = like.new_zeros(shape), like.new_zeros(shape[0])
     else:
-        weight, bias = (t.detach().to(x) for t in init)
-        weight, bias = weight.clone(), bias.clone()
+        weight, bias = (t.detach().to(like).clone() for t in init)
     weight.requires_grad_(True)
     bias.requires_grad_(True)
     max_eval = 2 * max_iter
@@ -100,9 +98,9 @@ def fit_logistic(
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = objective(x, y, weight, bias, l2)
-        loss.backward()
-        return loss
+        value = loss(weight, bias)
+        value.backward()
+        return value
 
     optimizer.step(closure)
     state = optimizer.state_dict()["state"][0]
@@ -111,9 +109,27 @@ def fit_logistic(
             f"L-BFGS at l2={l2:g} ran out of iterations before the gradient reached {tol:g}; "
             "raise max_iter",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     return weight.detach(), bias.detach()
+
+
+def fit_logistic(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    l2: float,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+    max_iter: int = 1000,
+    tol: float = 1e-8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Minimise `objective` over (W, b) on the features as given (`minimise`); float64 (W, b)."""
+    x, y = x.to(torch.float64), y.long()
+
+    def loss(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return objective(x, y, weight, bias, l2)
+
+    return minimise(loss, (num_classes, x.shape[1]), x, init, max_iter, tol, l2)
 
 
 def fit_probe(
