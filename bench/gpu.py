@@ -8,7 +8,7 @@ run's test/acc against its confusion matrix. Prints the table and writes it to b
 On a GPU machine (at most 8 minutes on one GPU; 224 px, bf16-mixed, about 20,000 JPEGs):
 
     python -m bench.gpu
-    python -m bench.gpu --device cpu --quick     # about a minute here: tests/test_gpu_path.py
+    python -m bench.gpu --device cpu --quick     # a check of the script: tests/test_gpu_path.py
 
 It needs torch, torchvision, timm and lightning (a CUDA machine's usual set) and the project's
 pure-Python dependencies. Where the machine has no network, bring them as wheels, made where

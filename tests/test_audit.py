@@ -95,7 +95,7 @@ def test_exclude_removes_exactly_the_listed_files_and_changes_the_record(tmp_pat
         kept = [p for p in split.paths if p not in listed]
         assert after.splits()[name].paths == kept
     record = after.split_record()
-    assert record["exclude"]["count"] == 2 and before.split_record()["exclude"] is None
+    assert record["exclude"]["count"] == 2 and "exclude" not in before.split_record()
     assert record["splits"]["train"] != before.split_record()["splits"]["train"]
     with pytest.raises(UserError, match="not the one of the training run"):
         before.check_split(record)

@@ -35,7 +35,7 @@ from tests.conftest import compose_cfg, make_folder, tiny_overrides
         ),
         ("seed=-3", "seed=-3 is invalid"),
         ("head_fit=prob", "head_fit=prob is invalid: it must be probe or recipe"),
-        ("probe.select=f1", "probe.select=f1 is invalid: it must be loss or acc"),
+        ("probe.select=f1", "probe.select=f1 is invalid: it must be loss, acc or mAP"),
         ("probe.refit=all", "probe.refit=all is invalid: it must be trainval or train"),
         ("class_weights=inverse", "class_weights=inverse is invalid: it must be auto or null"),
         ("sampler=uniform", "sampler=uniform is invalid: it must be shuffle or balanced"),

@@ -75,7 +75,9 @@ def test_augment_keeps_shape_and_dtype(augment: str, image_root: Path, tmp_path:
 
 
 def test_augmented_frozen_run_trains_on_images_not_cached_features(image_root, tmp_path):
-    cfg = tiny(image_root, tmp_path, "augment=light", "trainer.max_epochs=1")
+    """No cache without the trust stage (which reads the unaugmented features through it)."""
+    cfg = tiny(image_root, tmp_path, "augment=light", "trainer.max_epochs=1", "calibrate=false",
+               "ood=false")  # fmt: skip
     train(cfg)
     assert not Path(cfg.cache_dir).exists()
     train(tiny(image_root, tmp_path / "plain", "trainer.max_epochs=1"))

@@ -3,6 +3,7 @@ line, through `train`, observed where it acts (the training loss's inputs, the b
 inputs and outputs, the trainer and data module, the checkpoint). A setting dropped on its way
 makes one of these fail; the unit tests elsewhere check what each part does with it."""
 
+import inspect
 from pathlib import Path
 
 import lightning as L
@@ -20,13 +21,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture
 def losses(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     """Every cross-entropy the run computes: targets, logits, class weights, label smoothing,
-    and whether it trains (gradients on; Lightning evaluates without them)."""
+    and whether it trains (called from `training_step`, not from evaluation, the probe or the
+    temperature fit)."""
     calls: list[dict] = []
     real = torch.nn.functional.cross_entropy
 
     def cross_entropy(logits, target, weight=None, *args, label_smoothing=0.0, **kwargs):
         calls.append(
-            {"training": torch.is_grad_enabled(), "target": target.clone(),
+            {"training": any(f.function == "training_step" for f in inspect.stack(0)),
+             "target": target.clone(),
              "logits": logits.detach().float().clone(), "weight": weight,
              "label_smoothing": label_smoothing}
         )  # fmt: skip

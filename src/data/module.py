@@ -73,21 +73,11 @@ class ImageFolderData(DeviceAugmentation, L.LightningDataModule):
         augment_on: str = "auto",
     ) -> None:
         super().__init__()
-        if sampler not in SAMPLERS:
-            raise UserError(f"unknown sampler {sampler!r}. Fix: sampler={'|'.join(SAMPLERS)}")
-        if augment_on not in AUGMENT_ON:
-            raise UserError(f"unknown augment_on {augment_on!r}. Fix: {'|'.join(AUGMENT_ON)}")
-        self.augment_on = augment_on
-        self.sampler = sampler
-        check_settings(
-            val_fraction, test_fraction, folds, fold, num_workers, in_memory, memory_limit_gb
-        )
-        self.root = Path(root)
-        self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
-        self.train_transform, self.seed, self.pin_memory = train_transform, seed, pin_memory
-        self.val_fraction, self.test_fraction = val_fraction, test_fraction
-        self.folds, self.fold = folds, fold
-        self.resize = check_resize(resize)
+        self._keep_settings(
+            root, image_size, batch_size, val_fraction, seed, num_workers, train_transform,
+            test_fraction, folds, fold, in_memory, memory_limit_gb, pin_memory, sampler, resize,
+            augment_on,
+        )  # fmt: skip
         source = read_source(self.root, layout, on_bad_image, scan_cache, path_column, label_column)
         self.classes, self.layout, self.base = source.classes, source.layout, source.base
         self.table_sha256, self.test_given = source.table_sha256, "test" in source.given
@@ -103,15 +93,57 @@ class ImageFolderData(DeviceAugmentation, L.LightningDataModule):
         self.test_source = source.origin.get("test") or carved["test"]
         log.info(describe(source, self.root, carved))
         parts, self.excluded = drop_excluded(parts, everything.paths, exclude, self.root)
+        self._use_splits(
+            everything,
+            parts,
+            f"data.test_fraction=0 and no {self.root / 'validation'}: the test set is the "
+            "validation split, so the test accuracy is of the images that chose the checkpoint "
+            "(optimistic). Fix: data.test_fraction=0.1, or a validation/ folder",
+        )
+
+    def _keep_settings(
+        self,
+        root: str,
+        image_size: int,
+        batch_size: int,
+        val_fraction: float,
+        seed: int,
+        num_workers: int | str,
+        train_transform: Callable | None,
+        test_fraction: float,
+        folds: int | None,
+        fold: int,
+        in_memory: bool | str,
+        memory_limit_gb: float | None,
+        pin_memory: bool | None,
+        sampler: str,
+        resize: str,
+        augment_on: str,
+    ) -> None:
+        """Check the settings every data module shares (a UserError naming a wrong one) and keep
+        them; `memory_limit_gb` is used by `_use_splits`."""
+        if sampler not in SAMPLERS:
+            raise UserError(f"unknown sampler {sampler!r}. Fix: sampler={'|'.join(SAMPLERS)}")
+        if augment_on not in AUGMENT_ON:
+            raise UserError(f"unknown augment_on {augment_on!r}. Fix: {'|'.join(AUGMENT_ON)}")
+        check_settings(
+            val_fraction, test_fraction, folds, fold, num_workers, in_memory, memory_limit_gb
+        )
+        self.root, self.resize = Path(root), check_resize(resize)
+        self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
+        self.train_transform, self.seed, self.pin_memory = train_transform, seed, pin_memory
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.folds, self.fold, self.sampler, self.augment_on = folds, fold, sampler, augment_on
+        self.in_memory, self.memory_limit_gb = in_memory, memory_limit_gb
+
+    def _use_splits(self, everything: Split, parts: dict[str, list[int]], no_test: str) -> None:
+        """Make the train/val/test splits of `everything` from `parts` (indices per split; an
+        empty test becomes the val split, with the warning `no_test`) and choose memory or
+        streaming for them."""
         self.test_is_val = not parts["test"]
         if self.test_is_val:
             parts["test"] = parts["val"]
-            log.warning(
-                "data.test_fraction=0 and no %s: the test set is the validation split, so the "
-                "test accuracy is of the images that chose the checkpoint (optimistic). Fix: "
-                "data.test_fraction=0.1, or a validation/ folder",
-                self.root / "validation",
-            )
+            log.warning(no_test)
         self._all, self._indices = everything, parts
         self.train_split, self.val_split, self.test_split = (
             Split([everything.paths[i] for i in ids], [everything.labels[i] for i in ids])
@@ -119,8 +151,7 @@ class ImageFolderData(DeviceAugmentation, L.LightningDataModule):
         )
         if self.test_is_val:
             self.test_split = self.val_split
-        self.in_memory = in_memory
-        self.streaming = not self.fits_in_memory(memory_limit_gb)
+        self.streaming = not self.fits_in_memory(self.memory_limit_gb)
         self.datasets: dict[str, Dataset] = {}
         self.whole_epochs = False
         self._split_record: dict[str, Any] | None = None
@@ -213,19 +244,22 @@ class ImageFolderData(DeviceAugmentation, L.LightningDataModule):
         return self._split_record
 
     def _make_split_record(self) -> dict[str, Any]:
-        return {
-            "seed": self.seed,
-            "val_fraction": self.val_fraction,
-            "test_fraction": self.test_fraction,
-            "folds": self.folds,
-            "fold": self.fold,
-            "test_is_val": self.test_is_val,
-            "exclude": self.excluded,
-            "splits": {
-                name: {"count": len(s.paths), "sha256": split_hash(s, self.base, self.classes)}
-                for name, s in self.splits().items()
-            },
-        } | layout_record(self.layout, self.table_sha256)
+        return (
+            {
+                "seed": self.seed,
+                "val_fraction": self.val_fraction,
+                "test_fraction": self.test_fraction,
+                "folds": self.folds,
+                "fold": self.fold,
+                "test_is_val": self.test_is_val,
+                "splits": {
+                    name: {"count": len(s.paths), "sha256": split_hash(s, self.base, self.classes)}
+                    for name, s in self.splits().items()
+                },
+            }
+            | layout_record(self.layout, self.table_sha256)
+            | ({"exclude": self.excluded} if self.excluded else {})
+        )
 
     def check_split(self, record: dict[str, Any]) -> None:
         """A one-line UserError when this module's split differs from `record`'s."""

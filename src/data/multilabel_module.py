@@ -9,12 +9,9 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import Dataset
 
-from src.data.device_augment import AUGMENT_ON
 from src.data.folder import Split
-from src.data.images import check_resize
-from src.data.module import ImageFolderData, check_settings
+from src.data.module import ImageFolderData
 from src.data.multilabel import LabelTable, read_label_table
 from src.data.multilabel_splits import given_split, holdout_split, kfold_split, warn_missing
 from src.data.sampling import SAMPLERS
@@ -110,22 +107,15 @@ class MultiLabelData(ImageFolderData):
             )
         if layout not in ("auto", "table"):
             raise UserError(f"data.layout={layout} cannot read a table. Fix: data.layout=auto")
-        if augment_on not in AUGMENT_ON:
-            raise UserError(f"unknown augment_on {augment_on!r}. Fix: {'|'.join(AUGMENT_ON)}")
-        self.resize, self.augment_on, self.excluded = check_resize(resize), augment_on, None
         if sampler != "shuffle":
             raise UserError(
                 f"sampler={sampler} draws by class, which a multi-label image has several of. "
                 f"Fix: sampler=shuffle (of {'|'.join(SAMPLERS)}), with class_weights=auto"
             )
-        check_settings(
-            val_fraction, test_fraction, folds, fold, num_workers, in_memory, memory_limit_gb
-        )
-        self.sampler, self.root, self.seed = sampler, Path(root), seed
-        self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
-        self.train_transform, self.pin_memory = train_transform, pin_memory
-        self.val_fraction, self.test_fraction, self.folds, self.fold = (
-            val_fraction, test_fraction, folds, fold,
+        self._keep_settings(
+            root, image_size, batch_size, val_fraction, seed, num_workers, train_transform,
+            test_fraction, folds, fold, in_memory, memory_limit_gb, pin_memory, sampler, resize,
+            augment_on,
         )  # fmt: skip
         if labels is None:
             labels = read_label_table(
@@ -134,28 +124,16 @@ class MultiLabelData(ImageFolderData):
             )  # fmt: skip
         self.labels, self.classes = checked_images(labels, on_bad_image), labels.classes
         parts = self.parts(labels.targets)
-        self.test_is_val = not parts["test"]
-        if self.test_is_val:
-            parts["test"] = parts["val"]
-            log.warning(
-                "no test split: the test figures are of the val images that chose the checkpoint "
-                "and thresholds (optimistic). Fix: data.test_fraction=0.1, or test rows"
-            )
-        self._all = Split(labels.table.paths, label_rows(labels.targets))
-        self.layout, self.base = "table", labels.table.file.parent
+        self.layout, self.base, self.excluded = "table", labels.table.file.parent, None
         self.table_sha256 = labels.table.sha256
         self.test_given = labels.table.splits is not None and bool(parts["test"])
         self.pool = self.test_source = str(labels.table.file)
-        self._indices = parts
-        self.train_split, self.val_split, self.test_split = (
-            Split([self._all.paths[i] for i in ids], [self._all.labels[i] for i in ids])
-            for ids in (parts["train"], parts["val"], parts["test"])
+        self._use_splits(
+            Split(labels.table.paths, label_rows(labels.targets)),
+            parts,
+            "no test split: the test figures are of the val images that chose the checkpoint "
+            "and thresholds (optimistic). Fix: data.test_fraction=0.1, or test rows",
         )
-        self.in_memory = in_memory
-        self.streaming = not self.fits_in_memory(memory_limit_gb)
-        self.datasets: dict[str, Dataset] = {}
-        self.whole_epochs = False
-        self._split_record: dict[str, Any] | None = None
 
     def parts(self, targets: torch.Tensor) -> dict[str, list[int]]:
         """Train/val/test row indices: the split column's, one fold's, or a holdout split;

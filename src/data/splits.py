@@ -227,7 +227,8 @@ def compare_split(record: dict[str, Any], now: dict[str, Any], root: Path) -> No
     """A one-line UserError when the split record `now` (of the data at `root`) differs from
     `record` (a training run's)."""
     settings = " ".join(f"data.{k}={shown(v)}" for k, v in split_settings(record).items())
-    settings += f" data.exclude={(record.get('exclude') or {}).get('file')}"
+    if record.get("exclude"):
+        settings += f" data.exclude={record['exclude'].get('file')}"
     then = record.get("splits")
     if not isinstance(then, dict):
         raise UserError(

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from src.frozen.cache import cached_features
 from src.frozen.head import frozen_throughout
 from src.frozen.probe import fit_probe
-from src.run.callbacks import AtomicCheckpointIO
+from src.run.callbacks import AtomicCheckpointIO, hard_link
 from src.run.checkpoints import RECORD, read_checkpoint
 from src.trust.calibration import expected_calibration_error, fit_temperature
 from src.trust.ood import feature_bank, ood_record, scores
@@ -101,12 +101,13 @@ def trust_record(
 
 def store(record: dict[str, Any], best: Path, last: Path) -> int:
     """Write `record` into best.ckpt's RECORD entry, and into last.ckpt where it holds the same
-    weights (else last.ckpt is a later state the record does not describe). Atomic writes;
-    returns the bytes best.ckpt grew by."""
+    weights (else last.ckpt is a later state the record does not describe). Atomic writes; a
+    last.ckpt hard-linked to best.ckpt stays one file. Returns the bytes best.ckpt grew by."""
     before = best.stat().st_size
+    linked = last.is_file() and last.samefile(best)
     best_ckpt = read_checkpoint(best)
     targets = [(best, best_ckpt)]
-    if last.is_file():
+    if last.is_file() and not linked:
         last_ckpt = read_checkpoint(last)
         same = last_ckpt["state_dict"].keys() == best_ckpt["state_dict"].keys() and all(
             torch.equal(v, best_ckpt["state_dict"][key])
@@ -119,6 +120,8 @@ def store(record: dict[str, Any], best: Path, last: Path) -> int:
     for path, ckpt in targets:
         ckpt[RECORD] = {**ckpt.get(RECORD, {}), TRUST: record}
         AtomicCheckpointIO().save_checkpoint(ckpt, path)
+    if linked and not hard_link(best, last):
+        AtomicCheckpointIO().save_checkpoint(best_ckpt, last)
     return best.stat().st_size - before
 
 
