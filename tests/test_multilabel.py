@@ -278,6 +278,26 @@ def instantiate_data(cfg):
     return instantiate(cfg.data)
 
 
+@pytest.mark.parametrize("group", ["imagefolder", "footwear", "table"])
+def test_a_multilabel_table_is_detected_by_every_data_group(tmp_path: Path, group: str) -> None:
+    """`data.root=labels.csv` alone, with the default data group too: a row listing several
+    labels makes a multi-label data module, never a class named by the joined labels."""
+    from src.data.module import ImageFolderData
+    from src.data.multilabel_module import MultiLabelData
+    from tests.conftest import compose_cfg
+
+    file = make_label_table(tmp_path / "data")
+    overrides = [o for o in table_overrides(file) if o != "data=table"]
+    data = instantiate_data(compose_cfg([f"data={group}", *overrides], tmp_path / "run"))
+    assert isinstance(data, MultiLabelData) and data.classes == sorted(LABEL_COLOURS)
+    one = file.with_name("one.csv")  # the labelled images, one label each: multi-class
+    rows = [line.split(";")[0] for line in file.read_text().splitlines() if line[-1] != ","]
+    one.write_text("\n".join(rows) + "\n")
+    overrides = [f"data.root={one}" if o.startswith("data.root=") else o for o in overrides]
+    data = instantiate_data(compose_cfg([f"data={group}", *overrides], tmp_path / "run2"))
+    assert type(data) is ImageFolderData
+
+
 def test_multilabel_run_end_to_end(tmp_path: Path, one_thread) -> None:
     """Frozen backbone, probe head: trains from the CSV alone; the thresholds in the checkpoint
     are the val predictions' F1-best cuts; the test metrics are those at the thresholds."""

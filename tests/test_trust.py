@@ -18,7 +18,11 @@ from src.eval import evaluate
 from src.export import export
 from src.predict import predict
 from src.train import train
-from src.trust.calibration import expected_calibration_error, fit_temperature
+from src.trust.calibration import (
+    checked_temperature,
+    expected_calibration_error,
+    fit_temperature,
+)
 from src.trust.fit import trust_record
 from src.trust.ood import feature_bank, ood_record, threshold, unknown
 from tests.conftest import compose_cfg, make_folder
@@ -62,6 +66,18 @@ def test_temperature_lowers_val_nll_of_an_overconfident_model():
     assert after < 0.8 * before
     for nearby in (temperature * 0.8, temperature * 1.25):  # a minimum
         assert F.cross_entropy(logits / nearby, labels) > after
+
+
+def test_temperature_is_kept_only_where_it_helps_out_of_fold():
+    """An overconfident model keeps its fitted T; a calibrated one (labels drawn from its own
+    softmax) gets T = 1 exactly, though a fit on all of val alone would move it off 1."""
+    (_, logits), labels = toy_outputs()[0]["val"], toy_outputs()[1]["val"]
+    assert checked_temperature(logits, labels) == fit_temperature(logits, labels) > 2
+    generator = torch.Generator().manual_seed(3)
+    logits = 2 * torch.randn(80, 4, generator=generator)
+    labels = torch.multinomial(logits.softmax(1), 1, generator=generator).squeeze(1)
+    assert fit_temperature(logits, labels) != pytest.approx(1.0, abs=1e-3)
+    assert checked_temperature(logits, labels) == 1.0
 
 
 def test_ece_equals_a_direct_computation():

@@ -14,7 +14,7 @@ from src.frozen.head import frozen_throughout
 from src.frozen.probe import fit_probe
 from src.run.callbacks import AtomicCheckpointIO, hard_link
 from src.run.checkpoints import RECORD, read_checkpoint
-from src.trust.calibration import expected_calibration_error, fit_temperature
+from src.trust.calibration import checked_temperature, expected_calibration_error
 from src.trust.ood import feature_bank, ood_record, scores
 
 log = logging.getLogger(__name__)
@@ -73,10 +73,10 @@ def trust_record(
     probe: dict[str, float] | None,
 ) -> tuple[dict[str, Any], dict[str, float]]:  # fmt: skip
     """The checkpoint's trust entry and the figures result.json reports: the temperature is
-    fitted on the val split only (`held_out_val_logits`); the threshold keeps `ood.coverage` of
-    it."""
+    fitted on the val split only (`held_out_val_logits`, `checked_temperature`); the threshold
+    keeps `ood.coverage` of it."""
     val_logits, test_logits = held_out_val_logits(outputs, labels, cfg, probe), outputs["test"][1]
-    temperature = fit_temperature(val_logits, labels["val"]) if cfg.calibrate else 1.0
+    temperature = checked_temperature(val_logits, labels["val"]) if cfg.calibrate else 1.0
     record: dict[str, Any] = {"temperature": temperature}
     ece = {
         "test/ece_before_calibration": expected_calibration_error(
