@@ -1,7 +1,7 @@
 """Evaluate a checkpoint on a test set: `python -m src.eval ckpt_path=... [data=...]`.
 
-Writes `report.md`, `metrics.json`, `confusion_matrix.png` and `misclassified.png` in the run
-dir and logs the figures to TensorBoard.
+Writes `report.md`, `metrics.json`, `confusion_matrix.png` and `misclassified.png` (a
+multi-label checkpoint: `per_label.png`) in the run dir and logs the figures to TensorBoard.
 """
 
 import json
@@ -26,8 +26,10 @@ from torchmetrics.functional.classification import (
 from src.data.images import decode_all
 from src.data.module import ImageFolderData
 from src.data.splits import split_settings
-from src.model.inference import load_checkpoint, pick_device
+from src.model.inference import load_checkpoint, logits_of_files, pick_device
+from src.model.metrics import DEFAULT_THRESHOLD
 from src.report.figures import confusion_matrix_figure, image_grid_figure
+from src.report.labels import label_figure, label_metrics, label_report
 from src.report.stats import wilson_interval
 from src.run.errors import UserError, exit_on_user_error
 from src.trust.predictions import trusted_outputs
@@ -134,6 +136,17 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     split = data.test_split
     if not split.paths:
         raise UserError(f"no test images in {data.root}. Fix: data.root=<a folder with images>")
+    about = {
+        "checkpoint": str(cfg.ckpt_path),
+        "data_root": str(data.root),
+        "test_is_val": data.test_is_val,
+        "test_source": data.test_source
+        if data.test_given
+        else f"the held-out test split of {data.pool} (it chose nothing)",
+        "n_images": len(split.paths),
+    }
+    if getattr(model, "task", "multiclass") == "multilabel":
+        return write_label_evaluation(cfg, model, split, about)
     labels = torch.tensor(split.labels)
     out, errors = trusted_outputs(
         model, split.paths, pick_device(cfg.device), cfg.ckpt_path, cfg.ood, cfg.batch_size
@@ -147,14 +160,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     preds = probs.argmax(1)
     wrong = (preds != labels).nonzero().flatten()
     wrong = wrong[probs[wrong, preds[wrong]].argsort(descending=True)]
-    metrics = {
-        "checkpoint": str(cfg.ckpt_path),
-        "data_root": str(data.root),
-        "test_is_val": data.test_is_val,
-        "test_source": data.test_source
-        if data.test_given
-        else f"the held-out test split of {data.pool} (it chose nothing)",
-        "n_images": len(labels),
+    metrics = about | {
         "test_acc": float((preds == labels).float().mean()),
         "test_acc_ci95": list(wilson_interval(int((preds == labels).sum()), len(labels))),
         "test_balanced_acc": float(multiclass_accuracy(preds, labels, len(classes), "macro")),
@@ -186,9 +192,41 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             f"Misclassified: {len(shown)} of {len(wrong)} shown",
         ),
     } | trust_figures(out, labels, metrics)
+    logged = ("test_acc", "test_loss", *ECE_KEYS, "share_kept", "accuracy_kept")
+    write_evaluation(cfg, metrics, markdown_report(metrics), figures, logged, "## Confusion matrix")
+    return metrics
+
+
+def write_label_evaluation(
+    cfg: DictConfig, model: Any, split: Any, about: dict[str, Any]
+) -> dict[str, Any]:
+    """A multi-label checkpoint's evaluation (src.report.labels) at its own thresholds."""
+    logits, errors = logits_of_files(model, split.paths, pick_device(cfg.device), cfg.batch_size)
+    if errors:
+        i, why = next(iter(errors.items()))
+        raise UserError(f"cannot decode {split.paths[i]}: {why}. Fix: replace or delete it")
+    classes = list(model.classes)
+    thresholds = torch.tensor(model.record.get("thresholds", [DEFAULT_THRESHOLD] * len(classes)))
+    targets = torch.tensor(split.labels, dtype=torch.float64)
+    metrics = about | label_metrics(logits, targets, thresholds, classes)
+    figures = {"per_label": label_figure(metrics["per_label"])}
+    logged = ("test_mAP", "test_micro_f1", "test_macro_f1", "test_loss")
+    write_evaluation(cfg, metrics, label_report(metrics), figures, logged, "## Per label")
+    return metrics
+
+
+def write_evaluation(
+    cfg: DictConfig,
+    metrics: dict[str, Any],
+    report: str,
+    figures: dict[str, Any],
+    logged: tuple[str, ...],
+    printed_until: str,
+) -> None:
+    """Write metrics.json, report.md and the figures in the run dir, log the figures and the
+    `logged` metrics to TensorBoard, and print the report up to `printed_until`."""
     out = Path(cfg.output_dir)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    report = markdown_report(metrics)
     (out / "report.md").write_text(report)
     for name, figure in figures.items():
         figure.savefig(out / f"{name}.png", dpi=100)
@@ -197,16 +235,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         for name, figure in figures.items():
             logger.experiment.add_figure(f"eval/{name}", figure)
         logger.log_metrics(
-            {
-                f"eval/{key}": metrics[key]
-                for key in ("test_acc", "test_loss", *ECE_KEYS, "share_kept", "accuracy_kept")
-                if metrics.get(key) is not None
-            }
+            {f"eval/{key}": metrics[key] for key in logged if metrics.get(key) is not None}
         )
         logger.finalize("success")
-    print(report.split("## Confusion matrix")[0].rstrip())
+    print(report.split(printed_until)[0].rstrip())
     print(f"\nreport written to {out / 'report.md'}")
-    return metrics
 
 
 @exit_on_user_error

@@ -359,6 +359,33 @@ def test_multilabel_run_end_to_end(tmp_path: Path, one_thread) -> None:
     largest_logit = info["parity"]["allowed"] / info["parity"]["tolerance"]
     assert info["parity"]["max_abs_diff"] <= 1e-6 * largest_logit
 
+    # eval: the run's own test split, its thresholds, the figures the run reported
+    from src.eval import evaluate
+
+    overrides = [f"ckpt_path={ckpt}", "data=table", f"data.root={file}"]
+    metrics = evaluate(command_cfg("eval", overrides, tmp_path / "eval"))
+    assert metrics["n_images"] == result["n_test"]
+    for key in ("mAP", "micro_f1", "macro_f1", "subset_acc", "hamming_loss", "loss"):
+        assert metrics[f"test_{key}"] == pytest.approx(result[f"test/{key}"], abs=1e-5), key
+    assert [m["label"] for m in metrics["per_label"]] == model.classes
+    assert [m["threshold"] for m in metrics["per_label"]] == pytest.approx(thresholds)
+    assert sum(m["support"] for m in metrics["per_label"]) == int(
+        torch.tensor(data.test_split.labels).sum()
+    )
+    assert (tmp_path / "eval" / "per_label.png").is_file()
+    assert "| blue |" in (tmp_path / "eval" / "report.md").read_text()
+
+    # explain: one Grad-CAM row (310 px at 100 dpi) per label predicted, the top one if none
+    from src.explain import explain
+
+    pngs = explain(command_cfg("explain", [f"ckpt_path={ckpt}", f"inputs={file.parent}"],
+                               tmp_path / "explain"))  # fmt: skip
+    rows = {Path(r["image"]).stem: max(1, len(r["labels"])) for r in records}
+    assert max(rows.values()) >= 2
+    for png in pngs:
+        with Image.open(png) as image:
+            assert round(image.height / 310) == rows[png.stem.removesuffix("_gradcam")], png
+
 
 def test_multilabel_recipe_kfold_with_positive_weights(tmp_path: Path, one_thread) -> None:
     """The recipe's epochs with class_weights=auto (pos_weight) over 2 stratified folds."""
