@@ -243,15 +243,15 @@ class ImageFolderData(DeviceAugmentation, L.LightningDataModule):
             self._split_record = self._make_split_record()
         return self._split_record
 
+    def _split_settings(self) -> dict[str, Any]:
+        """The settings that make the split, as every split record holds them."""
+        keys = ("seed", "val_fraction", "test_fraction", "folds", "fold", "test_is_val")
+        return {key: getattr(self, key) for key in keys}
+
     def _make_split_record(self) -> dict[str, Any]:
         return (
-            {
-                "seed": self.seed,
-                "val_fraction": self.val_fraction,
-                "test_fraction": self.test_fraction,
-                "folds": self.folds,
-                "fold": self.fold,
-                "test_is_val": self.test_is_val,
+            self._split_settings()
+            | {
                 "splits": {
                     name: {"count": len(s.paths), "sha256": split_hash(s, self.base, self.classes)}
                     for name, s in self.splits().items()

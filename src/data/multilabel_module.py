@@ -173,13 +173,7 @@ class MultiLabelData(ImageFolderData):
             )
             return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
-        return {
-            "seed": self.seed,
-            "val_fraction": self.val_fraction,
-            "test_fraction": self.test_fraction,
-            "folds": self.folds,
-            "fold": self.fold,
-            "test_is_val": self.test_is_val,
+        return self._split_settings() | {
             "task": self.task,
             "table_sha256": self.labels.table.sha256,
             "splits": {
