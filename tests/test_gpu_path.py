@@ -254,6 +254,7 @@ def test_figures_describe_the_tested_checkpoint(image_root, tmp_path, monkeypatc
     assert result["test/acc"] != pytest.approx(1 / 3)  # the scrambled model's: all class 0
 
 
+@pytest.mark.slow
 def test_first_batch_s_counts_from_the_interpreter_start(tmp_path) -> None:
     """A process that ran other work before exec'ing python (as `bash -c "pip install ... &&
     python -m src.train"` does): the age counts from the exec on, not from the process start."""

@@ -116,6 +116,7 @@ def test_lpft_resumes_exactly(tiny_cfg: DictConfig, fits: list[FitRecord]) -> No
         assert torch.equal(again["state_dict"][name], tensor), name
 
 
+@pytest.mark.slow
 def test_folds_cross_validate_in_one_command_and_extract_once(tiny_cfg, monkeypatch) -> None:
     calls = []
     real = src.frozen.cache.extract_folder

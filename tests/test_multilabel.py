@@ -298,6 +298,7 @@ def test_a_multilabel_table_is_detected_by_every_data_group(tmp_path: Path, grou
     assert type(data) is ImageFolderData
 
 
+@pytest.mark.slow
 def test_multilabel_run_end_to_end(tmp_path: Path, one_thread) -> None:
     """Frozen backbone, probe head: trains from the CSV alone; the thresholds in the checkpoint
     are the val predictions' F1-best cuts; the test metrics are those at the thresholds."""
@@ -387,6 +388,7 @@ def test_multilabel_run_end_to_end(tmp_path: Path, one_thread) -> None:
             assert round(image.height / 310) == rows[png.stem.removesuffix("_gradcam")], png
 
 
+@pytest.mark.slow
 def test_multilabel_recipe_kfold_with_positive_weights(tmp_path: Path, one_thread) -> None:
     """The recipe's epochs with class_weights=auto (pos_weight) over 2 stratified folds."""
     import json

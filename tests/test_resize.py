@@ -109,6 +109,7 @@ def run_result(root: Path, weights: Path | str, out: Path, *extra: str) -> dict:
     return json.loads((out / "result.json").read_text())
 
 
+@pytest.mark.slow
 def test_every_layout_trains_with_the_same_metrics(tmp_path: Path, one_thread) -> None:
     published = make_folder(tmp_path / "pub", per_class=8)
     weights = calibrated_mobilenet_v2(published, tmp_path / "w.pth")

@@ -71,6 +71,7 @@ def test_unfrozen_run_changes_the_backbone(tiny_cfg, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_cached_and_plain_frozen_training_give_the_same_head(tiny_cfg):
     plain = run(tiny_cfg, cache_features=False, output_dir=tiny_cfg.output_dir + "_plain")
     cached = run(tiny_cfg, cache_features=True, output_dir=tiny_cfg.output_dir + "_cached")
@@ -79,6 +80,7 @@ def test_cached_and_plain_frozen_training_give_the_same_head(tiny_cfg):
     assert list(Path(tiny_cfg.cache_dir).glob("*.pt"))  # the features were kept on disk
 
 
+@pytest.mark.slow
 def test_same_seed_gives_the_same_metrics(tiny_cfg):
     first = run(tiny_cfg, output_dir=tiny_cfg.output_dir + "_a", cache_dir=None)
     second = run(tiny_cfg, output_dir=tiny_cfg.output_dir + "_b", cache_dir=None)
