@@ -51,8 +51,8 @@ def test_staged_fine_tune_under_ddp_ends_with_one_model(tmp_path: Path, monkeypa
 def test_ddp_test_counts_each_image_once_like_a_single_process(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    """15 test images over 2 ranks (8 and 7): the accuracies equal those of a single process's
-    per-image predictions, which differ across images (a calibrated backbone): a constant
+    """15 test images over 2 ranks (8 and 7): the accuracies and the loss equal those of a single
+    process's per-image predictions, which differ across images (a calibrated backbone): a constant
     predictor no longer scores 1/3 whatever the counting."""
     root = make_folder(tmp_path / "data", per_class=8, validation=5)  # 15: uneven over 2 ranks
     weights = calibrated_mobilenet_v2(root, tmp_path / "calibrated.pth")
@@ -72,6 +72,10 @@ def test_ddp_test_counts_each_image_once_like_a_single_process(
     assert data["n_test"] == 15
     assert data["test/acc"] == pytest.approx(float((predicted == labels).float().mean()), abs=1e-6)
     assert data["test/balanced_acc"] == pytest.approx(sum(recalls) / 3, abs=1e-6)
+    # the loss too: a mean over the 15 images once (ddp_spawn's CPU ranks share the parent's
+    # metric tensors; unreset, they summed the test before training into this one)
+    loss = torch.nn.functional.cross_entropy(scores, labels)
+    assert data["test/loss"] == pytest.approx(float(loss), abs=1e-5)
     events = EventAccumulator(str(tmp_path / "ddp"), size_guidance={"images": 0})
     events.Reload()  # the final figures, made in the main process after the spawned ranks
     assert {"test/confusion_matrix", "test/gradcam"} <= set(events.Tags()["images"])

@@ -8,6 +8,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics import Metric
 
 from src.model.finetune import Finetune, batchnorm_layers, reduce_gradients
 from src.model.metrics import DEFAULT_THRESHOLD, LabelScores, multilabel_metrics, stage_metrics
@@ -128,6 +129,13 @@ class TransferModel(TransferNet, L.LightningModule):
             return
         reduce_gradients(self.backbone.parameters(), self.trainer.world_size)
 
+    def setup(self, stage: str) -> None:
+        """Fresh metric states in the process that runs `stage`: ddp_spawn's CPU ranks share the
+        parent's tensors, where in-place sums would mix ranks and carry one stage into the next."""
+        for metric in self.modules():
+            if isinstance(metric, Metric):
+                metric.reset()
+
     def configure_model(self) -> None:
         """Compile the backbone (`compile_backbone`) in the process that trains it, at each fit or
         test: a module pickled to a ddp_spawn rank loses its compilation, and extraction (before
@@ -163,12 +171,9 @@ class TransferModel(TransferNet, L.LightningModule):
     ) -> torch.Tensor:
         """Loss and metrics of a batch's minibatches (the batch itself, or the run of one that
         offers `minibatches()`, as src.frozen.batches.FeatureChunks does), logged per epoch;
-        `learn` takes each minibatch's loss (the optimizer steps of `train_on_chunks`).
-
-        The loss is averaged per minibatch, as Lightning would; the class metrics count the
-        run's predictions at once. The metric objects reduce over DDP ranks (the loss as a mean
-        weighted by images), so every figure covers all images.
-        """
+        `learn` takes each minibatch's loss (the optimizer steps of `train_on_chunks`). The
+        metric objects reduce over DDP ranks (the loss as a mean weighted by images), so every
+        figure covers all images once."""
         training = stage == "train"
         metrics = self.metrics[f"{stage}_metrics"]
         predictions, targets = [], []
