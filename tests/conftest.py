@@ -81,6 +81,16 @@ def compose_cfg(overrides: list[str], output_dir: Path) -> DictConfig:
     return cfg
 
 
+def command_cfg(name: str, overrides: list[str], output_dir: Path) -> DictConfig:
+    """conf/<name>.yaml with `overrides`, writing under `output_dir`, as `python -m src.<name>`."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name=name, overrides=overrides)
+    output_dir.mkdir(parents=True)
+    with open_dict(cfg):
+        cfg.output_dir = str(output_dir)
+    return cfg
+
+
 def tiny_overrides(root: Path, weights: Path | str = "null") -> list[str]:
     """A fast CPU run: MobileNetV2 (`weights`: random init, or a file such as
     `calibrated_mobilenet_v2`'s), 32 px, folder `root`, 2 epochs, no logger; a frozen head

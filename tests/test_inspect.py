@@ -11,7 +11,6 @@ import onnxruntime
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -32,22 +31,13 @@ from tests.conftest import (
     CONF_DIR,
     calibrate_batchnorm,
     calibrated_mobilenet_v2,
+    command_cfg,
     compose_cfg,
     make_folder,
     tiny_overrides,
 )
 
 SIZE, SQUARE = 128, 64  # the square images' side and the planted square's side
-
-
-def command_cfg(name: str, overrides: list[str], output_dir: Path) -> DictConfig:
-    """conf/<name>.yaml with `overrides`, writing under `output_dir`, as `python -m src.<name>`."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name=name, overrides=overrides)
-    output_dir.mkdir(parents=True)
-    with open_dict(cfg):
-        cfg.output_dir = str(output_dir)
-    return cfg
 
 
 def image_tags(run_dir: Path) -> list[str]:

@@ -336,7 +336,7 @@ def test_multilabel_run_end_to_end(tmp_path: Path, one_thread) -> None:
     # predict: every label at or above its threshold; the exported model gives the same logits
     from src.export import export
     from src.predict import predict
-    from tests.test_inspect import command_cfg
+    from tests.conftest import command_cfg
 
     ckpt = tmp_path / "run" / "checkpoints" / "best.ckpt"
     records = predict(command_cfg("predict", [f"ckpt_path={ckpt}", f"inputs={file.parent}"],

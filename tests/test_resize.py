@@ -7,8 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
 from PIL import Image
 from torchvision.models import MobileNet_V2_Weights
 
@@ -22,8 +20,8 @@ from src.run.errors import UserError
 from src.train import train
 from tests.conftest import (
     COLOURS,
-    CONF_DIR,
     calibrated_mobilenet_v2,
+    command_cfg,
     compose_cfg,
     make_folder,
     tiny_overrides,
@@ -92,15 +90,6 @@ def wide_folder(root: Path, per_class: int = 6) -> Path:
                 noise = rng.integers(-30, 30, (24, 48, 3))
                 save(np.clip(np.array(colour) + noise, 0, 255), root / split / f"c{c}" / f"{i}.png")
     return root
-
-
-def command_cfg(name: str, overrides: list[str], output_dir: Path) -> DictConfig:
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name=name, overrides=overrides)
-    output_dir.mkdir(parents=True)
-    with open_dict(cfg):
-        cfg.output_dir = str(output_dir)
-    return cfg
 
 
 def run_result(root: Path, weights: Path | str, out: Path, *extra: str) -> dict:

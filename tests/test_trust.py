@@ -25,8 +25,7 @@ from src.trust.calibration import (
 )
 from src.trust.fit import trust_record
 from src.trust.ood import feature_bank, ood_record, threshold, unknown
-from tests.conftest import compose_cfg, make_folder
-from tests.test_inspect import command_cfg
+from tests.conftest import command_cfg, compose_cfg, make_folder
 
 SIZE = 64  # the trained run's image size
 
