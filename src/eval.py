@@ -26,8 +26,7 @@ from torchmetrics.functional.classification import (
 from src.data.images import decode_all
 from src.data.module import ImageFolderData
 from src.data.splits import split_settings
-from src.model.inference import load_checkpoint, logits_of_files, pick_device
-from src.model.metrics import DEFAULT_THRESHOLD
+from src.model.inference import label_thresholds, load_checkpoint, logits_of_files, pick_device
 from src.report.figures import confusion_matrix_figure, image_grid_figure
 from src.report.labels import label_figure, label_metrics, label_report
 from src.report.stats import wilson_interval
@@ -151,9 +150,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     out, errors = trusted_outputs(
         model, split.paths, pick_device(cfg.device), cfg.ckpt_path, cfg.ood, cfg.batch_size
     )
-    if errors:
-        i, why = next(iter(errors.items()))
-        raise UserError(f"cannot decode {split.paths[i]}: {why}. Fix: replace or delete it")
+    check_decoded(split.paths, errors)
     if out.note:
         log.warning(out.note)
     scores, probs = out.logits, out.probs
@@ -202,17 +199,22 @@ def write_label_evaluation(
 ) -> dict[str, Any]:
     """A multi-label checkpoint's evaluation (src.report.labels) at its own thresholds."""
     logits, errors = logits_of_files(model, split.paths, pick_device(cfg.device), cfg.batch_size)
-    if errors:
-        i, why = next(iter(errors.items()))
-        raise UserError(f"cannot decode {split.paths[i]}: {why}. Fix: replace or delete it")
+    check_decoded(split.paths, errors)
     classes = list(model.classes)
-    thresholds = torch.tensor(model.record.get("thresholds", [DEFAULT_THRESHOLD] * len(classes)))
+    thresholds = torch.tensor(label_thresholds(model))
     targets = torch.tensor(split.labels, dtype=torch.float64)
     metrics = about | label_metrics(logits, targets, thresholds, classes)
     figures = {"per_label": label_figure(metrics["per_label"])}
     logged = ("test_mAP", "test_micro_f1", "test_macro_f1", "test_loss")
     write_evaluation(cfg, metrics, label_report(metrics), figures, logged, "## Per label")
     return metrics
+
+
+def check_decoded(paths: list[Path], errors: dict[int, str]) -> None:
+    """A UserError naming the first test image that could not be decoded, if any."""
+    if errors:
+        i, why = next(iter(errors.items()))
+        raise UserError(f"cannot decode {paths[i]}: {why}. Fix: replace or delete it")
 
 
 def write_evaluation(

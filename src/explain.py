@@ -9,8 +9,14 @@ from omegaconf import DictConfig
 
 from src.data.images import stream_images
 from src.data.scan import list_inputs
-from src.model.inference import gradcam, load_checkpoint, logits, pick_device, target_layer
-from src.model.metrics import DEFAULT_THRESHOLD
+from src.model.inference import (
+    gradcam,
+    label_thresholds,
+    load_checkpoint,
+    logits,
+    pick_device,
+    target_layer,
+)
 from src.run.errors import UserError, exit_on_user_error
 
 BATCH = 16  # images per Grad-CAM pass
@@ -72,7 +78,7 @@ def predictions(model: Any, scores: torch.Tensor) -> tuple[torch.Tensor, list[li
         probs = scores.softmax(1)
         return probs, [[c] for c in probs.argmax(1).tolist()]
     probs = scores.sigmoid()
-    cut = torch.tensor(model.record.get("thresholds", [DEFAULT_THRESHOLD] * probs.shape[1]))
+    cut = torch.tensor(label_thresholds(model))
     above = probs >= cut
     return probs, [
         row.nonzero().flatten().tolist() or [int(p.argmax())]

@@ -16,8 +16,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from src.model.inference import load_checkpoint
-from src.model.metrics import DEFAULT_THRESHOLD
+from src.model.inference import label_thresholds, load_checkpoint
 from src.model.network import TransferNet
 from src.run.errors import UserError, exit_on_user_error
 
@@ -66,7 +65,7 @@ def contract(model: TransferNet, fmt: str, file: str) -> dict[str, Any]:
 def multilabel_output(model: TransferNet) -> dict[str, Any]:
     """A multi-label model's outputs: one independent sigmoid per label, and each label's
     threshold (chosen on val) above which it is predicted."""
-    thresholds = model.record.get("thresholds", [DEFAULT_THRESHOLD] * len(model.classes))
+    thresholds = label_thresholds(model)
     return {
         "task": "multilabel",
         "output": {

@@ -10,8 +10,7 @@ import torch
 from omegaconf import DictConfig
 
 from src.data.scan import input_classes, list_inputs
-from src.model.inference import load_checkpoint, logits_of_files, pick_device
-from src.model.metrics import DEFAULT_THRESHOLD
+from src.model.inference import label_thresholds, load_checkpoint, logits_of_files, pick_device
 from src.report.stats import wilson_interval
 from src.run.errors import UserError, exit_on_user_error
 from src.trust.predictions import Trusted, trusted_outputs
@@ -152,7 +151,7 @@ def predict_labels(
     `predicted` saying whether it passed its threshold)."""
     classes = list(model.classes)
     probs = scores.nan_to_num(0).sigmoid()
-    thresholds = torch.tensor(model.record.get("thresholds", [DEFAULT_THRESHOLD] * len(classes)))
+    thresholds = torch.tensor(label_thresholds(model))
     tops = top_k(probs, classes, cfg.top_k)
     cut = dict(zip(classes, thresholds.tolist(), strict=True))
     records = []

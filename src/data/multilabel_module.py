@@ -124,7 +124,7 @@ class MultiLabelData(ImageFolderData):
             )  # fmt: skip
         self.labels, self.classes = checked_images(labels, on_bad_image), labels.classes
         parts = self.parts(labels.targets)
-        self.layout, self.base, self.excluded = "table", labels.table.file.parent, None
+        self.layout, self.base = "table", labels.table.file.parent
         self.table_sha256 = labels.table.sha256
         self.test_given = labels.table.splits is not None and bool(parts["test"])
         self.pool = self.test_source = str(labels.table.file)

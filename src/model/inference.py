@@ -9,9 +9,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from src.model.metrics import DEFAULT_THRESHOLD
 from src.model.network import TransferNet, load_model
 from src.run.checkpoints import CKPT_PATH_FIX
 from src.run.errors import UserError
+
+
+def label_thresholds(model: TransferNet) -> list[float]:
+    """A multi-label model's per-label thresholds, chosen on val and stored in its checkpoint
+    (`DEFAULT_THRESHOLD` for each label of a model that stores none)."""
+    return model.record.get("thresholds", [DEFAULT_THRESHOLD] * len(model.classes))
 
 
 def load_checkpoint(ckpt_path: str | None) -> TransferNet:

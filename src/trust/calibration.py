@@ -1,6 +1,8 @@
 """Calibrated probabilities: one temperature fitted on held-out logits (Guo et al., ICML 2017),
 the expected calibration error and the reliability diagram that show whether it helped."""
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
@@ -8,6 +10,21 @@ from matplotlib.figure import Figure
 ECE_BINS = 15
 MAX_TEMPERATURE = 20.0
 CHECK_FOLDS = 5  # `checked_temperature`
+
+
+def finite_rows(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows whose logits and label are all finite, as float64 logits and long labels."""
+    keep = torch.isfinite(logits).all(1) & torch.isfinite(labels.float())
+    return logits[keep].double(), labels[keep].long()
+
+
+def held_out_folds(n: int, folds: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(held-out rows, the other rows) of each of `folds` (at most `n`) folds of `n` rows,
+    dealt from one fixed shuffle: the same folds on every call."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    for fold in range(min(folds, n)):
+        out = order[fold::folds]
+        yield out, order[torch.isin(order, out, invert=True)]
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -18,8 +35,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     [1/MAX_TEMPERATURE, MAX_TEMPERATURE]: on a few val images that the model gets wrong the
     optimum runs off to infinity (uniform probabilities), which says nothing useful.
     """
-    keep = torch.isfinite(logits).all(1) & torch.isfinite(labels.float())
-    logits, labels = logits[keep].double(), labels[keep].long()
+    logits, labels = finite_rows(logits, labels)
     if len(labels) == 0:
         return 1.0
     log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
@@ -42,15 +58,11 @@ def checked_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     A model that is calibrated already (a probe's strength is chosen on val loss) gets a fitted
     T near 1 that only follows the noise of a small val split: out-of-fold it does not lower
     the NLL, and keeping T = 1 leaves the probabilities as good as they were."""
-    keep = torch.isfinite(logits).all(1) & torch.isfinite(labels.float())
-    logits, labels = logits[keep].double(), labels[keep].long()
+    logits, labels = finite_rows(logits, labels)
     if len(labels) < 2 * CHECK_FOLDS:
         return 1.0
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     fitted = plain = 0.0
-    for fold in range(CHECK_FOLDS):
-        out = order[fold::CHECK_FOLDS]
-        rest = order[torch.isin(order, out, invert=True)]
+    for out, rest in held_out_folds(len(labels), CHECK_FOLDS):
         temperature = fit_temperature(logits[rest], labels[rest])
         fitted += float(F.cross_entropy(logits[out] / temperature, labels[out], reduction="sum"))
         plain += float(F.cross_entropy(logits[out], labels[out], reduction="sum"))

@@ -14,7 +14,11 @@ from src.frozen.head import frozen_throughout
 from src.frozen.probe import fit_probe
 from src.run.callbacks import AtomicCheckpointIO, hard_link
 from src.run.checkpoints import RECORD, read_checkpoint
-from src.trust.calibration import checked_temperature, expected_calibration_error
+from src.trust.calibration import (
+    checked_temperature,
+    expected_calibration_error,
+    held_out_folds,
+)
 from src.trust.ood import feature_bank, ood_record, scores
 
 log = logging.getLogger(__name__)
@@ -54,10 +58,7 @@ def held_out_val_logits(
     if probe is None or cfg.head_fit != "probe" or cfg.probe.refit != "trainval":
         return val_logits
     held_out = torch.empty_like(val_logits)
-    order = torch.randperm(len(val_logits), generator=torch.Generator().manual_seed(0))
-    for fold in range(min(VAL_FOLDS, len(order))):
-        out = order[fold::VAL_FOLDS]
-        rest = order[torch.isin(order, out, invert=True)]
+    for out, rest in held_out_folds(len(val_logits), VAL_FOLDS):
         fit = fit_probe(
             torch.cat([train_features, val_features[rest]]),
             torch.cat([labels["train"], labels["val"][rest]]),
