@@ -5,8 +5,11 @@ class folders. Prints one table row per dataset and setting: precision and recal
 label_issues.csv (and precision at k = the number planted), leaks found among those planted and
 other pairs listed, the rank of each planted outlier; and the same counts on the clean copy.
 
-    python -m bench.audit_dirty footwear [--backbone efficientnet_lite0] [--image-size 160]
-    python -m bench.audit_dirty fashion-mnist --per-class 300 --image-size 96
+    python -m bench.audit_dirty footwear [--copies 5] [--backbone efficientnet_lite0]
+    python -m bench.audit_dirty fashion-mnist --per-class 100 --image-size 96
+
+`--copies N` plants N dirty copies (seeds 0 to N-1: other images moved, leaked and dropped in)
+and prints each and their mean; `--label-features pooled` audits as before the stage features.
 """
 
 import argparse
@@ -25,6 +28,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
+from src.audit import label_layers
 from src.frozen.cache import cached_features
 from src.model.network import TransferNet
 from src.quality.findings import Images, audit_images
@@ -98,8 +102,11 @@ def make_dirty(root: Path, share: float, leaks: int, seed: int = 0) -> dict[str,
     return {"moved": moved, "copies": copies, "outliers": outliers}
 
 
-def features_of(root: Path, backbone: str, image_size: int, work: Path) -> Images:
-    """The audited images of `root` with their features (cached under `work`)."""
+def features_of(
+    root: Path, backbone: str, image_size: int, work: Path, label_features: str
+) -> tuple[Images, dict[str, Any], Path]:
+    """The audited images of `root` with their features (cached under `work`), the audit
+    settings, the hash cache."""
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose(
             "audit",
@@ -110,15 +117,19 @@ def features_of(root: Path, backbone: str, image_size: int, work: Path) -> Image
                 f"image_size={image_size}",
                 f"cache_dir={work / 'cache'}",
                 f"data.scan_cache={work / 'scan'}",
+                f"audit.label_features={label_features}",
                 "output_dir=unused",
             ],
         )
     data = instantiate(cfg.data)
     spec = OmegaConf.to_container(cfg.backbone, resolve=True)
     model = TransferNet(spec, data.classes, image_size)
-    feats = cached_features(model, data, spec, cfg.cache_dir, torch.device("cpu"), False)
+    cpu = torch.device("cpu")
+    feats = cached_features(model, data, spec, cfg.cache_dir, cpu, False)
+    stages = label_layers(model, label_features)
+    staged = cached_features(model, data, spec, cfg.cache_dir, cpu, False, layers=stages)
     return (
-        Images.of(data, feats),
+        Images.of(data, feats, staged if stages else None),
         OmegaConf.to_container(cfg.audit, resolve=True),
         work / "hashes.json",
     )
@@ -164,9 +175,12 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=300)
     parser.add_argument("--work", type=Path, default=Path("/tmp/audit-bench"))
     parser.add_argument("--l2", type=float, nargs="*", default=[])
+    parser.add_argument("--copies", type=int, default=1)
+    parser.add_argument("--label-features", choices=["stages", "pooled"], default="stages")
     args = parser.parse_args()
     torch.manual_seed(0)
-    for state in ("clean", "dirty"):
+    rows: dict[float, list[dict[str, Any]]] = {}
+    for state in ["clean"] + [f"dirty{seed}" for seed in range(args.copies)]:
         root = args.work / args.dataset / state
         record = args.work / args.dataset / f"{state}-planted.json"
         if not record.is_file():  # made once: a rebuilt folder would need its features again
@@ -175,14 +189,19 @@ def main() -> None:
                 shutil.copytree("data/footwear", root)
             else:
                 fashion_mnist(root, args.per_class, args.per_class // 5)
-            planted = make_dirty(root, 0.05, 10) if state == "dirty" else None
+            dirty = state != "clean"
+            planted = make_dirty(root, 0.05, 10, int(state[5:])) if dirty else None
             record.write_text(json.dumps(planted))
         planted = json.loads(record.read_text())
         if planted:
             planted["copies"] = [tuple(pair) for pair in planted["copies"]]
         start = time.perf_counter()
         images, settings, hashes = features_of(
-            root, args.backbone, args.image_size, args.work / args.dataset / f"{state}-work"
+            root,
+            args.backbone,
+            args.image_size,
+            args.work / args.dataset / f"{state}-work",
+            args.label_features,
         )
         took = time.perf_counter() - start
         print(f"{args.dataset} {state}: {len(images.paths)} images, features {took:.1f} s")
@@ -190,6 +209,12 @@ def main() -> None:
             start = time.perf_counter()
             row = score(images, settings | {"l2": l2}, hashes, planted)
             print(f"  l2={l2:g} audit {time.perf_counter() - start:.1f} s: {row}")
+            if planted:
+                rows.setdefault(l2, []).append(row)
+    for l2, dirty in rows.items():
+        mean = {k: round(float(np.mean([r[k] for r in dirty])), 3) for k in ("precision", "recall")}
+        low = round(min(r["recall"] for r in dirty), 3)
+        print(f"l2={l2:g} over {len(dirty)} dirty copies: mean {mean}, lowest recall {low}")
 
 
 if __name__ == "__main__":

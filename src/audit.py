@@ -16,11 +16,22 @@ from src.model.network import TransferNet
 from src.quality.findings import Findings, Images, audit_images
 from src.quality.hashes import hash_cache_file
 from src.quality.page import counts, write_pages
-from src.run.errors import exit_on_user_error
+from src.run.errors import UserError, exit_on_user_error
 from src.run.runtime import quiet_lightning, resolve_precision
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def label_layers(model: TransferNet, label_features: str) -> tuple[str, ...]:
+    """The backbone layers whose pooled outputs the label-issue probes read (none: the pooled
+    features), by `audit.label_features`."""
+    if label_features not in ("stages", "pooled"):
+        raise UserError(
+            f"audit.label_features={label_features} is not a choice. Fix: "
+            "audit.label_features=stages (the backbone's last stages, pooled) or pooled"
+        )
+    return model.spec.stage_layers if label_features == "stages" else ()
 
 
 def audit(cfg: DictConfig) -> Findings:
@@ -31,10 +42,15 @@ def audit(cfg: DictConfig) -> Findings:
     model = TransferNet(backbone, data.classes, cfg.image_size)
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg.precision, "gpu" if device.type == "cuda" else "cpu")
-    features = cached_features(
-        model, data, backbone, cfg.cache_dir, device, "bf16" in precision, cfg.batch_size
+    bf16 = "bf16" in precision
+    features = cached_features(model, data, backbone, cfg.cache_dir, device, bf16, cfg.batch_size)
+    stages = label_layers(model, cfg.audit.label_features)
+    label_features = (
+        cached_features(model, data, backbone, cfg.cache_dir, device, bf16, cfg.batch_size, stages)
+        if stages
+        else None
     )
-    images = Images.of(data, features)
+    images = Images.of(data, features, label_features)
     hash_cache = hash_cache_file(cfg.data.get("scan_cache"), data.root)
     settings = OmegaConf.to_container(cfg.audit, resolve=True)
     findings = audit_images(images, settings, hash_cache)

@@ -11,7 +11,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 from PIL import Image
 
-from src.audit import audit
+import src.quality.findings
+from src.audit import audit, label_layers
 from src.data.module import ImageFolderData
 from src.quality.duplicates import CopyRules, find_copies
 from src.quality.hashes import fingerprints
@@ -132,7 +133,16 @@ class Page(HTMLParser):
         assert self.open.pop() == tag
 
 
-def test_audit_writes_csvs_and_a_valid_page_embedding_every_listed_image(tmp_path, one_thread):
+def test_audit_writes_csvs_and_a_valid_page_embedding_every_listed_image(
+    tmp_path, one_thread, monkeypatch
+):
+    probed = []
+
+    def recording(features, *args, **kwargs):
+        probed.append(features.shape)
+        return label_issues(features, *args, **kwargs)
+
+    monkeypatch.setattr(src.quality.findings, "label_issues", recording)
     root = smooth_folder(tmp_path / "data", per_class=8, test=4)
     shutil.copy(root / "validation/class_2/image0.png", root / "training/class_2/leak.png")
     weights = calibrated_mobilenet_v2(root, tmp_path / "calibrated.pth")
@@ -154,6 +164,7 @@ def test_audit_writes_csvs_and_a_valid_page_embedding_every_listed_image(tmp_pat
     (tmp_path / "out").mkdir()
     findings = audit(cfg)
     out = tmp_path / "out"
+    assert probed == [(3 * 8 + 3 * 4 + 1, 24 + 32 + 96)]  # every image; MobileNetV2 stages
     assert findings.leaks()[0]["kind"] == "exact"
     for name in ("label_issues", "duplicates", "outliers"):
         assert (out / f"{name}.csv").read_text().startswith(("path,", "path_a,"))
@@ -165,3 +176,8 @@ def test_audit_writes_csvs_and_a_valid_page_embedding_every_listed_image(tmp_pat
     assert len(page.images) == listed > 0
     assert all(src.startswith("data:image/jpeg;base64,") for src in page.images)
     assert "| leaks (copies across train/val and test) | 1 |" in (out / "report.md").read_text()
+
+
+def test_unknown_label_features_setting_is_one_line():
+    with pytest.raises(UserError, match=r"audit.label_features=logits .*Fix: "):
+        label_layers(None, "logits")

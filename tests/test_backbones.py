@@ -48,6 +48,31 @@ def test_efficientnet_lite0_backbone_gives_1280_pooled_features_with_its_own_nor
     assert backbone.module.eval()(torch.zeros(1, 3, 64, 64)).shape == (1, 1280)
 
 
+@pytest.mark.parametrize(
+    ("make", "name", "size", "stages"),
+    [
+        (timm_backbone, "tf_efficientnet_lite0", 160, ("blocks.2", "blocks.4", "blocks.6")),
+        (torchvision_backbone, "mobilenet_v2", 160, ("features.6", "features.13", "features.18")),
+        (torchvision_backbone, "resnet18", 160, ("layer2.1", "layer3.1", "layer4.1")),
+        (torchvision_backbone, "mobilenet_v2", 32, ("features.3", "features.6", "features.13")),
+        (timm_backbone, "vit_tiny_patch16_224", 224, ()),
+    ],
+)
+def test_stage_layers_end_the_last_three_resolutions(make, name, size, stages):
+    backbone = make(name, None, size)
+    assert backbone.stage_layers == stages
+    if stages:  # each a map of its own size, smaller than the one before (1x1 maps are not)
+        modules, sides = dict(backbone.module.named_modules()), []
+        handles = [
+            modules[n].register_forward_hook(lambda _m, _i, out: sides.append(out.shape[-1]))
+            for n in stages
+        ]
+        backbone.module.eval()(torch.zeros(1, 3, size, size))
+        for handle in handles:
+            handle.remove()
+        assert sides == sorted(set(sides), reverse=True) and sides[-1] > 1
+
+
 def offline_download(calls: list[str]) -> object:
     """A `load_state_dict_from_url` that fails as on a machine without network, noting the url."""
 

@@ -77,6 +77,30 @@ def test_cached_features_are_the_models_own(data):
     assert (features["val"] - own).norm() / own.norm() < 1e-3  # folded: float32 rounding
 
 
+def test_stage_features_are_the_stages_pooled_outputs_cached_apart(data, tmp_path):
+    model = TransferModel(BACKBONE, data.classes, 32, freeze=True)
+    data.setup()
+    images = data.datasets["val"].images
+    calibrate_batchnorm(model.backbone, model.normalise(images))
+    layers = model.spec.stage_layers
+    pooled = cached_features(model, data, BACKBONE, tmp_path, CPU, bf16=False)
+    staged = cached_features(model, data, BACKBONE, tmp_path, CPU, bf16=False, layers=layers)
+    assert len(list(tmp_path.glob("*.pt"))) == 2  # one cache file each
+    modules, maps = dict(model.backbone.named_modules()), []
+    handles = [
+        modules[n].register_forward_hook(lambda _m, _i, out: maps.append(out.mean((2, 3))))
+        for n in layers
+    ]
+    with torch.no_grad():
+        model.eval().features(images)
+    for handle in handles:
+        handle.remove()
+    own = torch.cat(maps, 1)
+    assert staged["val"].shape == (6, 24 + 32 + 96) != pooled["val"].shape
+    assert (staged["val"] - own).norm() / own.norm() < 1e-3
+    assert not any(m._forward_hooks for m in model.backbone.modules())  # hooks removed
+
+
 def non_trivial_batchnorm(module: nn.Module, inputs: torch.Tensor) -> None:
     """Statistics of `inputs` (features that carry signal) and affine weights other than 1/0."""
     calibrate_batchnorm(module, inputs)

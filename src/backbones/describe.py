@@ -16,6 +16,7 @@ from src.run.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+STAGE_LEVELS = 3  # measured on dirty copies of the embedded data (docs/audit.md)
 POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 WEIGHT_FILES = {".pt", ".pth", ".bin", ".safetensors"}
 OFFLINE_FIXES = (
@@ -48,7 +49,9 @@ class Backbone:
 
     `module` maps normalised images (N, 3, H, W) to pooled pre-logits features (N, num_features).
     `cam_layer` is a module name inside `module` whose output Grad-CAM reads, after
-    `cam_reshape` where that output is not an NCHW map.
+    `cam_reshape` where that output is not an NCHW map. `stage_layers` name the blocks that end
+    the last `STAGE_LEVELS` resolutions (timm's `feature_info` stages), whose pooled outputs
+    the audit's label-issue probes read (src.frozen.cache); empty where there are none (ViT).
     """
 
     module: nn.Module
@@ -58,6 +61,7 @@ class Backbone:
     default_size: int
     cam_layer: str
     cam_reshape: Callable[[torch.Tensor], torch.Tensor] | None = None
+    stage_layers: tuple[str, ...] = ()
 
 
 @dataclass
@@ -140,8 +144,34 @@ def trace(module: nn.Module, image_size: int, name: str) -> _Trace:
     return _Trace(outputs, attention_starts, norms, out.shape[1])
 
 
-def probe(module: nn.Module, image_size: int, name: str) -> tuple[int, str, str]:
-    """(feature size, Grad-CAM layer, its output format) from one forward pass at `image_size`.
+def stage_ends(module: nn.Module, seen: _Trace, levels: int = STAGE_LEVELS) -> tuple[str, ...]:
+    """The blocks that end each of the last `levels` resolutions of a CNN's (NCHW) maps: at each
+    map size, the last to finish of the shallowest blocks of a Sequential (EfficientNet's
+    `blocks.N`, ResNet's `layerN.M`, MobileNetV2's and VGG's `features.N`)."""
+    blocks = {
+        f"{parent}.{child}" if parent else child
+        for parent, container in module.named_modules()
+        if isinstance(container, (nn.Sequential, nn.ModuleList))
+        for child in container._modules
+    }
+    ends: dict[tuple[int, ...], tuple[int, int, str]] = {}
+    for o in seen.outputs.values():
+        if (
+            o.name in blocks
+            and o.calls == 1
+            and len(o.shape) == 4
+            and not o.pooled
+            and min(o.shape[2:]) > 1
+        ):
+            rank = (-o.name.count("."), o.order, o.name)  # shallowest, then last to finish
+            ends[o.shape[2:]] = max(ends.get(o.shape[2:], rank), rank)
+    by_order = sorted(ends.values(), key=lambda rank: rank[1])
+    return tuple(name for _, _, name in by_order[-levels:])
+
+
+def probe(module: nn.Module, image_size: int, name: str) -> tuple[int, str, str, tuple[str, ...]]:
+    """(feature size, Grad-CAM layer, its output format, stage ends) from one forward pass at
+    `image_size`.
 
     The Grad-CAM layer is the last module, run once, whose output is a spatial map (at least
     2x2, not a pooling layer's, not inside attention), unless a transformer's attention runs
@@ -165,13 +195,14 @@ def probe(module: nn.Module, image_size: int, name: str) -> tuple[int, str, str]
     if seen.attention_starts and last_map[0] < seen.attention_starts[-1]:
         feeding = [n for n in seen.norms if n[0] < seen.attention_starts[-1]]
         if feeding:
-            return num_features, max(feeding)[1], "tokens"
+            return num_features, max(feeding)[1], "tokens", ()
     if not last_map[1]:
         raise UserError(
             f"backbone {name} has no spatial feature map at image_size={image_size}. "
             "Fix: a larger image_size"
         )
-    return num_features, last_map[1], map_format(last_map[2], num_features)
+    fmt = map_format(last_map[2], num_features)
+    return num_features, last_map[1], fmt, stage_ends(module, seen) if fmt == "NCHW" else ()
 
 
 def load_weights_file(model: nn.Module, path: Path) -> None:
@@ -209,7 +240,7 @@ def describe(
     cam_layer: str | None = None,
 ) -> Backbone:
     """Probe `module` at `image_size` and collect its description."""
-    num_features, layer, fmt = probe(module, image_size, name)
+    num_features, layer, fmt, stages = probe(module, image_size, name)
     return Backbone(
         module,
         num_features,
@@ -218,6 +249,7 @@ def describe(
         default_size,
         cam_layer or layer,
         None if cam_layer else RESHAPES[fmt],
+        stages,
     )
 
 

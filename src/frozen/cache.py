@@ -6,7 +6,8 @@ import itertools
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +50,12 @@ def cache_key(
     precision: str,
     device: torch.device,
     layout: torch.memory_format = torch.channels_last,
+    layers: tuple[str, ...] = (),
 ) -> str:
     """Hash of everything the features depend on: backbone, weights, size, precision, device
-    type, memory format (its kernels round differently), library versions and every image of
-    the folder (path, size, mtime), so one cache serves every split and fold of it."""
+    type, memory format (its kernels round differently), library versions, the stage `layers`
+    pooled (if any) and every image of the folder (path, size, mtime), so one cache serves
+    every split and fold of it."""
     weights = backbone.get("weights")
     files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in data.all_images()]
     if weights and Path(weights).is_file():
@@ -69,6 +72,8 @@ def cache_key(
     }
     if data.resize != "squash":  # squash keys stay as they were: their caches stay valid
         key["resize"] = data.resize
+    if layers:
+        key["stages"] = list(layers)
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -117,14 +122,46 @@ def fold_batchnorm(backbone: nn.Module, sample: torch.Tensor) -> nn.Module:
     return folded
 
 
+@contextmanager
+def pooled_stages(
+    backbone: nn.Module, layers: tuple[str, ...]
+) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+    """`backbone`'s forward, or with `layers` one that returns their outputs mean-pooled and
+    concatenated: the image at several depths (the audit's label-issue probes read them, as
+    Head2Toe's linear probes do, Evci et al. 2022). The hooks go when the context ends."""
+    if not layers:
+        yield backbone
+        return
+    maps: dict[str, torch.Tensor] = {}
+    modules = dict(backbone.named_modules())
+    handles = [
+        modules[name].register_forward_hook(
+            lambda _layer, _inputs, out, name=name: maps.__setitem__(name, out)
+        )
+        for name in layers
+    ]
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        backbone(x)
+        return torch.cat([maps[name].float().mean((2, 3)) for name in layers], 1)
+
+    try:
+        yield forward
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def extract(
     model: TransferNet,
     batches: Iterable[torch.Tensor],
     device: torch.device,
     bf16: bool,
     total: int | None = None,
+    layers: tuple[str, ...] = (),
 ) -> torch.Tensor:
-    """Pooled features of uint8 image batches, in float32, computed in eval mode.
+    """Pooled features of uint8 image batches (or of the backbone's stage `layers`, see
+    `pooled_stages`), in float32, computed in eval mode.
 
     Written into one tensor as the batches come (from a streaming loader, decoding overlaps the
     compute), so memory holds the features and a few batches, never all the images. On a GPU
@@ -136,22 +173,23 @@ def extract(
     first = next(batches)
     backbone = fold_batchnorm(model.backbone, model.normalise(first[:2])).to(device)
     model.to(device)
-    rows = outputs(
-        lambda x: backbone(model.normalise(x)),
-        itertools.chain([first], batches),
-        device,
-        bf16,
-        host=device.type == "cpu",
-    )
-    if total is None:
-        features = torch.cat(list(rows))
-    else:
-        features, done = None, 0
-        for out in rows:
-            if features is None:
-                features = torch.empty(total, out.shape[1], device=out.device)
-            features[done : done + len(out)] = out
-            done += len(out)
+    with pooled_stages(backbone, layers) as forward:
+        rows = outputs(
+            lambda x: forward(model.normalise(x)),
+            itertools.chain([first], batches),
+            device,
+            bf16,
+            host=device.type == "cpu",
+        )
+        if total is None:
+            features = torch.cat(list(rows))
+        else:
+            features, done = None, 0
+            for out in rows:
+                if features is None:
+                    features = torch.empty(total, out.shape[1], device=out.device)
+                features[done : done + len(out)] = out
+                done += len(out)
     model.cpu()
     return features.cpu()
 
@@ -164,14 +202,19 @@ def extraction_batch(batch_size: int, device: torch.device) -> int:
 
 
 def extract_folder(
-    model: TransferNet, data: ImageFolderData, device: torch.device, bf16: bool, batch_size: int
+    model: TransferNet,
+    data: ImageFolderData,
+    device: torch.device,
+    bf16: bool,
+    batch_size: int,
+    layers: tuple[str, ...] = (),
 ) -> torch.Tensor:
     """Features of every image of the folder: decoded in threads when they fit in memory (as the
     data module keeps them), else streamed through DataLoader workers."""
     paths = data.all_images()
     if not data.streaming:
         images = decode_all(paths, data.image_size, data.resize)
-        return extract(model, chunks(images, batch_size), device, bf16, total=len(paths))
+        return extract(model, chunks(images, batch_size), device, bf16, len(paths), layers)
 
     def images() -> Iterator[torch.Tensor]:
         for _, batch, errors in progress(
@@ -191,7 +234,7 @@ def extract_folder(
                 raise UserError(f"cannot decode {paths[index]}: {why}. Fix: replace or delete it")
             yield batch
 
-    return extract(model, images(), device, bf16, total=len(paths))
+    return extract(model, images(), device, bf16, len(paths), layers)
 
 
 def cached_features(
@@ -202,8 +245,10 @@ def cached_features(
     device: torch.device,
     bf16: bool,
     batch_size: int = 32,
+    layers: tuple[str, ...] = (),
 ) -> dict[str, torch.Tensor]:
-    """Features of every split: from `cache_dir` when valid, else extracted (and saved there).
+    """Features of every split (the pooled stage `layers` where given): from `cache_dir` when
+    valid, else extracted (and saved there).
 
     The cache holds one row per image of the folder, for every split and fold. A file lock
     beside it makes concurrent jobs with the same key (a sweep's parallel jobs) extract once:
@@ -213,17 +258,18 @@ def cached_features(
     precision = "bf16" if bf16 else "fp32"
     batch_size = extraction_batch(batch_size, device)
     if cache_dir is None:
-        features = extract_folder(model, data, device, bf16, batch_size)
+        features = extract_folder(model, data, device, bf16, batch_size, layers)
     else:
         layout = model.input_format(device.type)
-        path = Path(cache_dir) / f"{cache_key(backbone, data, precision, device, layout)}.pt"
+        key = cache_key(backbone, data, precision, device, layout, layers)
+        path = Path(cache_dir) / f"{key}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(path.with_suffix(".lock")):
             if path.is_file():
                 log.info("features from cache %s", path)
                 features = read_features(path)
             else:
-                features = extract_folder(model, data, device, bf16, batch_size)
+                features = extract_folder(model, data, device, bf16, batch_size, layers)
                 partial = path.with_suffix(f".{os.getpid()}.tmp")
                 torch.save(features, partial)
                 os.replace(partial, path)  # atomic: a reader without the lock sees all or none

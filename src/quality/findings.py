@@ -23,7 +23,9 @@ COLUMNS = {
 
 @dataclass
 class Images:
-    """The audited images: paths (relative to the data root), splits, labels, features."""
+    """The audited images: paths (relative to the data root), splits, labels, the pooled
+    features (copies, outliers) and those the label-issue probes read (`label_features`: the
+    backbone's pooled stages, src.frozen.cache.pooled_stages, or the pooled features)."""
 
     root: Path
     paths: list[Path]
@@ -31,19 +33,27 @@ class Images:
     labels: torch.Tensor
     features: torch.Tensor
     classes: list[str]
+    label_features: torch.Tensor
 
     @classmethod
-    def of(cls, data: Any, features: dict[str, torch.Tensor]) -> "Images":
+    def of(
+        cls,
+        data: Any,
+        features: dict[str, torch.Tensor],
+        label_features: dict[str, torch.Tensor] | None = None,
+    ) -> "Images":
         """Every image of `data`'s splits once (test left out where it is the val split)."""
         names = [n for n in ("train", "val", "test") if not (n == "test" and data.test_is_val)]
         splits = data.splits()
+        pooled = torch.cat([features[n] for n in names])
         return cls(
             data.root,
             [p for n in names for p in splits[n].paths],
             [n for n in names for _ in splits[n].paths],
             torch.tensor([y for n in names for y in splits[n].labels]),
-            torch.cat([features[n] for n in names]),
+            pooled,
             list(data.classes),
+            torch.cat([label_features[n] for n in names]) if label_features else pooled,
         )
 
     def name(self, i: int) -> str:
@@ -78,7 +88,7 @@ def audit_images(images: Images, settings: dict[str, Any], hash_cache: Path | No
     """Label issues, copies and outliers of `images` by `settings` (conf/audit.yaml's `audit`)."""
     sims, ids = nearest(images.features, settings["neighbours"])
     issues = label_issues(
-        images.features,
+        images.label_features,
         images.labels,
         len(images.classes),
         settings["folds"],
