@@ -214,6 +214,10 @@ def test_metrics_match_scikit_learn() -> None:
     assert [r["recall"] for r in rows] == pytest.approx(recall.tolist())
     assert [r["f1"] for r in rows] == pytest.approx(f1.tolist())
     assert [r["support"] for r in rows] == support.tolist()
+    only_one = targets.clone()
+    only_one[:, 1:] = 0  # a bootstrap resample of a small test split can hold one label alone
+    assert average_precision(probs, only_one)[0] == pytest.approx(ap[0], abs=1e-6)
+    assert average_precision(probs, only_one)[1:].isnan().all()
 
 
 def test_thresholds_are_the_f1_best_cuts_of_val() -> None:
@@ -407,3 +411,37 @@ def test_multilabel_recipe_kfold_with_positive_weights(tmp_path: Path, one_threa
     tests = [set(f["split"]["splits"]["test"].values()) for f in folds]
     assert tests[0] != tests[1]
     assert "test/mAP" in (tmp_path / "run" / "cv.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("freeze", ["true", "false"])  # cached features; images
+def test_multilabel_resumed_run_matches_an_uninterrupted_one(
+    tmp_path: Path, one_thread, freeze: str, fits
+) -> None:
+    """A multi-label run killed after its first epoch and resumed from last.ckpt ends where
+    the uninterrupted run ends: same metrics, thresholds and weights."""
+    import json
+
+    from src.train import train
+    from tests.conftest import assert_resumed, compose_cfg
+    from tests.test_recovery import TIMINGS
+
+    file = make_label_table(tmp_path / "data", count=32)
+
+    def run(name: str, *extra: str) -> tuple[dict, dict]:
+        out = tmp_path / name
+        train(compose_cfg(table_overrides(file, f"freeze={freeze}", "optimizer=adam", *extra), out))
+        result = json.loads((out / "result.json").read_text())
+        last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+        return {k: v for k, v in result.items() if k not in TIMINGS}, last
+
+    straight, straight_last = run("straight", "trainer.max_epochs=2")
+    _, first_last = run("killed", "trainer.max_epochs=1")
+    saved = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    resumed, resumed_last = run("resumed", "trainer.max_epochs=2", f"ckpt_path={saved}")
+    assert_resumed(fits[2], saved, straight=fits[0])
+    assert resumed == straight and len(straight["thresholds"]) == 3
+    for name, tensor in straight_last["state_dict"].items():
+        assert torch.equal(resumed_last["state_dict"][name], tensor), name
+    head = "head.weight"
+    assert not torch.equal(first_last["state_dict"][head], resumed_last["state_dict"][head])

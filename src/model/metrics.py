@@ -6,7 +6,10 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
-from torchmetrics.functional.classification import multilabel_average_precision
+from torchmetrics.functional.classification import (
+    binary_average_precision,
+    multilabel_average_precision,
+)
 from torchmetrics.utilities import dim_zero_cat
 
 DEFAULT_THRESHOLD = 0.5  # a label without a positive val image: no cut can be chosen
@@ -17,13 +20,12 @@ def average_precision(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     scikit-learn's average_precision_score); NaN for a label with no positive."""
     ap = torch.full((probs.shape[1],), float("nan"), dtype=torch.float64)
     present = (targets > 0).any(0)
-    if present.any():
+    scores, truth = probs[:, present].float(), (targets[:, present] > 0).long()
+    if truth.shape[1] == 1:  # torchmetrics' multi-label form needs two labels or more
+        ap[present] = binary_average_precision(scores[:, 0], truth[:, 0]).to(torch.float64)
+    elif truth.shape[1] > 1:
         ap[present] = multilabel_average_precision(
-            probs[:, present].float(),
-            (targets[:, present] > 0).long(),
-            num_labels=int(present.sum()),
-            average=None,
-            thresholds=None,
+            scores, truth, num_labels=truth.shape[1], average=None, thresholds=None
         ).to(torch.float64)
     return ap
 
