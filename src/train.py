@@ -209,7 +209,7 @@ def train_run(cfg: DictConfig) -> dict[str, Any]:
         score: float(best["callbacks"][checkpoint.state_key]["best_model_score"])
         if plan.fit != "probe" or cfg.probe.refit == "train"
         else probe[score.replace("/", "_")],
-        **(ml.multilabel_result(model, cfg.seed) if multilabel else {}),
+        **(ml.multilabel_result(model, data, cfg.seed) if multilabel else {}),
         "best_epoch": int(best["epoch"]),
         **timer.figures(),
         "wall_s": time.perf_counter() - start,

@@ -79,3 +79,32 @@ def test_ddp_test_counts_each_image_once_like_a_single_process(
     events = EventAccumulator(str(tmp_path / "ddp"), size_guidance={"images": 0})
     events.Reload()  # the final figures, made in the main process after the spawned ranks
     assert {"test/confusion_matrix", "test/gradcam"} <= set(events.Tags()["images"])
+
+
+@pytest.mark.slow
+def test_multilabel_ddp_test_counts_each_image_once_like_a_single_process(tmp_path: Path) -> None:
+    """A multi-label table's 7 test images over 2 ranks: mAP, F1s, subset accuracy and Hamming
+    loss at the run's thresholds equal those of a single process's per-image probabilities."""
+    from hydra.utils import instantiate
+
+    from src.model.metrics import multilabel_metrics
+    from src.model.network import load_model
+    from tests.test_multilabel import make_label_table, table_overrides
+
+    file = make_label_table(tmp_path / "data", count=28)
+    overrides = table_overrides(file, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2")
+    cfg = compose_cfg([*overrides, "trainer.max_epochs=1"], tmp_path / "ddp")
+    train(cfg)
+    result = json.loads((tmp_path / "ddp/result.json").read_text())
+    model = load_model(tmp_path / "ddp/checkpoints/best.ckpt").eval()
+    data = instantiate(cfg.data)
+    data.setup()
+    test = data.datasets["test"]
+    with torch.no_grad():
+        probs = model(test.images).sigmoid()
+    assert result["n_test"] == len(test.labels) == 7  # uneven over 2 ranks: 4 and 3
+    thresholds = torch.tensor(list(result["thresholds"].values()))
+    for key, value in multilabel_metrics(probs, test.labels, thresholds).items():
+        assert result[f"test/{key}"] == pytest.approx(value, abs=1e-5), key
+    low, high = result["test/mAP_ci95"]  # the main process scored the test split itself
+    assert low <= result["test/mAP"] <= high and low < high

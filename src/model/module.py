@@ -86,6 +86,8 @@ class TransferModel(TransferNet, L.LightningModule):
         self.metrics = stage_metrics(task, len(classes))
         # multi-label: the test epoch's scores, for the metrics at the thresholds
         self.test_scores = LabelScores() if task == "multilabel" else None
+        # and those of the last test run in this process (not under ddp_spawn: its ranks')
+        self.last_test_scores: tuple[torch.Tensor, torch.Tensor] | None = None
         self.thresholds = torch.full((len(classes),), DEFAULT_THRESHOLD, dtype=torch.float64)
         self.trained = False  # weights from a fit (run here or loaded): see `test_step`
         self.fitted_head = False  # the head was fitted before training (`keep_fitted_head`)

@@ -63,14 +63,14 @@ def check_run(cfg: Any, data: Any) -> None:
 
 
 @torch.no_grad()
-def val_scores(model: Any, data: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's sigmoid probabilities and the targets of every val image (features or
-    images, as the data module serves them)."""
+def split_scores(model: Any, data: Any, split: str = "val") -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's sigmoid probabilities and the targets of every image of `split` (val or
+    test; features or images, as the data module serves them), in this process."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     probs, targets = [], []
-    for batch in data.val_dataloader():
+    for batch in getattr(data, f"{split}_dataloader")():
         for x, y in minibatches(batch):
             probs.append(model.logits(x.to(device)).float().sigmoid().cpu())
             targets.append(y.float())
@@ -84,7 +84,7 @@ def fit_thresholds(trainer: L.Trainer, model: Any, data: Any, best_path: str) ->
     images never choose them."""
     ckpt = read_checkpoint(best_path)
     model.load_state_dict(ckpt["state_dict"])
-    thresholds = choose_thresholds(*val_scores(model, data))
+    thresholds = choose_thresholds(*split_scores(model, data, "val"))
     model.set_thresholds(thresholds)
     if trainer.is_global_zero:
         ckpt[RECORD]["thresholds"] = thresholds.tolist()
@@ -110,9 +110,12 @@ def bootstrap_interval(
     return low.item(), high.item()
 
 
-def multilabel_result(model: Any, seed: int) -> dict[str, Any]:
-    """The test mAP's bootstrap interval and the thresholds, for result.json."""
-    probs, targets = model.last_test_scores
+def multilabel_result(model: Any, data: Any, seed: int) -> dict[str, Any]:
+    """The test mAP's bootstrap interval and the thresholds, for result.json. The test scores
+    are those of the run's test where this process ran it; ddp_spawn's ranks ran it in their
+    own processes, so its main process scores the test split itself (the best weights)."""
+    scores = model.last_test_scores
+    probs, targets = scores if scores is not None else split_scores(model, data, "test")
     return {
         "test/mAP_ci95": list(bootstrap_interval(probs.cpu(), targets.cpu(), seed=seed)),
         "thresholds": dict(zip(model.hparams.classes, model.thresholds.tolist(), strict=True)),
