@@ -10,6 +10,7 @@ import onnxruntime
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import open_dict
 from PIL import Image
 
 from src.data.images import decode
@@ -222,3 +223,28 @@ def test_eval_reports_selective_accuracy_and_reliability(run, tmp_path):
     assert metrics["risk_coverage"][-1]["risk"] == pytest.approx(1 - metrics["test_acc"])
     assert metrics["test_ece_after_calibration"] >= 0
     assert (out / "reliability.png").stat().st_size > 0 and (out / "risk_coverage.png").is_file()
+
+
+def test_trust_stage_reads_the_best_checkpoints_weights(tiny_cfg, monkeypatch):
+    """ddp_spawn's main process keeps the last fit's weights, not those its ranks tested (the
+    best checkpoint's): the temperature and ECE are those of the best weights all the same."""
+    import lightning as L
+
+    from src.train import train_run
+
+    straight = train_run(tiny_cfg)
+    real_test = L.Trainer.test
+
+    def test_elsewhere(trainer, model, *args, **kwargs):
+        out = real_test(trainer, model, *args, **kwargs)
+        if kwargs.get("ckpt_path") == "best":  # the tested weights stay in another process
+            torch.nn.init.normal_(model.head.weight, std=5.0)
+        return out
+
+    monkeypatch.setattr(L.Trainer, "test", test_elsewhere)
+    with open_dict(tiny_cfg):
+        tiny_cfg.output_dir = str(Path(tiny_cfg.output_dir).with_name("spawned"))
+    Path(tiny_cfg.output_dir).mkdir()
+    spawned = train_run(tiny_cfg)
+    for key in ("temperature", "test/ece_before_calibration", "test/ece_after_calibration"):
+        assert spawned[key] == pytest.approx(straight[key], abs=1e-6), key

@@ -139,7 +139,10 @@ def calibrate_and_store(
     """After the final test: rank 0 fits the temperature and the OOD threshold on the best
     weights, stores them in best.ckpt (and last.ckpt) and returns the figures for result.json;
     every rank gets the same figures. `calibrate=false ood=false`: nothing; a multi-label model
-    (independent sigmoids, thresholds chosen on val instead): nothing, said once."""
+    (independent sigmoids, thresholds chosen on val instead): nothing, said once.
+
+    The best weights are read from best.ckpt: ddp_spawn's main process holds the last fit's,
+    its ranks having run the test."""
     if not cfg.calibrate and not cfg.ood:
         return {}
     if getattr(model, "task", "multiclass") == "multilabel":
@@ -148,6 +151,8 @@ def calibrate_and_store(
     figures: dict[str, Any] | None = None
     if trainer.is_global_zero:
         device = next(model.parameters()).device
+        best = read_checkpoint(checkpoint.best_model_path, mmap=True)
+        model.load_state_dict(best["state_dict"])
         outputs = split_outputs(model, data, features, cfg, bf16)
         model.to(device)
         labels = {name: torch.tensor(split.labels) for name, split in data.splits().items()}
