@@ -211,7 +211,7 @@ def train_run(cfg: DictConfig) -> dict[str, Any]:
         else probe[score.replace("/", "_")],
         **(ml.multilabel_result(model, data, cfg.seed) if multilabel else {}),
         "best_epoch": int(best["epoch"]),
-        **timer.figures(),
+        **timer.figures(trainer),
         "wall_s": time.perf_counter() - start,
     }
     if isinstance(logger, TensorBoardLogger):  # the HPARAMS tab, with the final metrics

@@ -62,15 +62,25 @@ class EpochTimer(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.seconds.append(time.perf_counter() - self._start)
         pl_module.log("time/epoch_s", self.seconds[-1], on_step=False, on_epoch=True)
+        so_far = self.figures() | {"fit_s": time.perf_counter() - self._fit_start}
+        for name, value in so_far.items():  # for ddp_spawn's main process (see `figures`)
+            if value is not None:
+                pl_module.log(f"time/{name}", value, on_step=False, on_epoch=True, logger=False)
 
-    def figures(self) -> dict[str, float | None]:
-        """The timings a run's result.json reports."""
-        return {
+    def figures(self, trainer: L.Trainer | None = None) -> dict[str, float | None]:
+        """The timings a run's result.json reports. ddp_spawn's main process, whose copy of this
+        callback saw no epoch, reads those its rank 0 logged at the last epoch's end into
+        `trainer`'s metrics (fit_s: until then, without the last checkpoint write)."""
+        own = {
             "first_batch_s": self.first_batch_s,
             "fit_s": self.fit_s,
             "first_epoch_s": self.seconds[0] if self.seconds else None,
             "mean_epoch_s": sum(self.seconds) / len(self.seconds) if self.seconds else None,
         }
+        if self.seconds or trainer is None:
+            return own
+        logged = trainer.callback_metrics
+        return {k: float(logged[f"time/{k}"]) if f"time/{k}" in logged else None for k in own}
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
