@@ -52,7 +52,7 @@ def audit(cfg: DictConfig) -> Findings:
     )
     images = Images.of(data, features, label_features)
     hash_cache = hash_cache_file(cfg.data.get("scan_cache"), data.root)
-    settings = OmegaConf.to_container(cfg.audit, resolve=True)
+    settings = OmegaConf.to_container(cfg.audit, resolve=True) | {"label_layers": list(stages)}
     findings = audit_images(images, settings, hash_cache)
     out = Path(cfg.output_dir)
     findings.write(out)

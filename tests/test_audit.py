@@ -175,7 +175,9 @@ def test_audit_writes_csvs_and_a_valid_page_embedding_every_listed_image(
     listed += 2 * len(findings.rows["duplicates"])
     assert len(page.images) == listed > 0
     assert all(src.startswith("data:image/jpeg;base64,") for src in page.images)
-    assert "| leaks (copies across train/val and test) | 1 |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| leaks (copies across train/val and test) | 1 |" in report
+    assert "label_layers=['features.3', 'features.6', 'features.13']" in report  # stated
 
 
 def test_unknown_label_features_setting_is_one_line():
