@@ -63,9 +63,8 @@ def test_ddp_test_counts_each_image_once_like_a_single_process(
     model = load_checkpoint(str(ckpt))
     data = json.loads((tmp_path / "ddp/result.json").read_text())
     assert data["val/acc"] == objective and data["trainable_params"] == 3_843  # cfg.objective
-    # the timings rank 0 measured (the main process's own timer saw no epoch)
+    # the timings the ranks measured (the main process's own timer saw no epoch)
     assert 0 < data["first_epoch_s"] == data["mean_epoch_s"] <= data["fit_s"] < data["wall_s"]
-    assert 0 < data["first_batch_s"] < data["wall_s"]
     paths = sorted((root / "validation").rglob("*.png"))
     scores, _ = logits_of_files(model, paths, torch.device("cpu"))
     labels = torch.tensor([int(p.parent.name[-1]) for p in paths])

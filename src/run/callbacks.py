@@ -61,16 +61,16 @@ class EpochTimer(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.seconds.append(time.perf_counter() - self._start)
-        pl_module.log("time/epoch_s", self.seconds[-1], on_step=False, on_epoch=True)
+        pl_module.log("time/epoch_s", self.seconds[-1], sync_dist=True)
         so_far = self.figures() | {"fit_s": time.perf_counter() - self._fit_start}
-        for name, value in so_far.items():  # for ddp_spawn's main process (see `figures`)
-            if value is not None:
-                pl_module.log(f"time/{name}", value, on_step=False, on_epoch=True, logger=False)
+        for name in ("fit_s", "first_epoch_s", "mean_epoch_s"):  # for ddp_spawn (see `figures`)
+            pl_module.log(f"time/{name}", so_far[name], sync_dist=True, logger=False)
 
     def figures(self, trainer: L.Trainer | None = None) -> dict[str, float | None]:
         """The timings a run's result.json reports. ddp_spawn's main process, whose copy of this
-        callback saw no epoch, reads those its rank 0 logged at the last epoch's end into
-        `trainer`'s metrics (fit_s: until then, without the last checkpoint write)."""
+        callback saw no epoch, reads those the ranks logged (their mean) at the last epoch's end
+        into `trainer`'s metrics (fit_s: until then, without the last checkpoint write), all but
+        first_batch_s: a spawned rank's clock starts with the rank, not with the command."""
         own = {
             "first_batch_s": self.first_batch_s,
             "fit_s": self.fit_s,
