@@ -28,9 +28,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
-from src.audit import label_layers
-from src.frozen.cache import cached_features
-from src.model.network import TransferNet
+from src.audit import audited_images
 from src.quality.findings import Images, audit_images
 from src.quality.neighbours import nearest
 from src.quality.outliers import outlier_scores
@@ -121,18 +119,8 @@ def features_of(
                 "output_dir=unused",
             ],
         )
-    data = instantiate(cfg.data)
-    spec = OmegaConf.to_container(cfg.backbone, resolve=True)
-    model = TransferNet(spec, data.classes, image_size)
-    cpu = torch.device("cpu")
-    feats = cached_features(model, data, spec, cfg.cache_dir, cpu, False)
-    stages = label_layers(model, label_features)
-    staged = cached_features(model, data, spec, cfg.cache_dir, cpu, False, layers=stages)
-    return (
-        Images.of(data, feats, staged if stages else None),
-        OmegaConf.to_container(cfg.audit, resolve=True),
-        work / "hashes.json",
-    )
+    images, _ = audited_images(cfg, instantiate(cfg.data), torch.device("cpu"), False)
+    return images, OmegaConf.to_container(cfg.audit, resolve=True), work / "hashes.json"
 
 
 def score(images: Images, settings: dict, hashes: Path, planted: dict | None) -> dict[str, Any]:

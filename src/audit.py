@@ -5,8 +5,10 @@ Writes label_issues.csv, duplicates.csv, outliers.csv, report.html and report.md
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import hydra
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -34,23 +36,31 @@ def label_layers(model: TransferNet, label_features: str) -> tuple[str, ...]:
     return model.spec.stage_layers if label_features == "stages" else ()
 
 
+def audited_images(
+    cfg: DictConfig, data: Any, device: torch.device, bf16: bool
+) -> tuple[Images, tuple[str, ...]]:
+    """The images of `data` with what the audit reads from the feature cache (the pooled
+    features; the stage layers' for the label issues), and those layers. A wrong
+    `audit.label_features` stops before any extraction."""
+    backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
+    model = TransferNet(backbone, data.classes, cfg.image_size)
+    stages = label_layers(model, cfg.audit.label_features)
+
+    def features(layers: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        return cached_features(
+            model, data, backbone, cfg.cache_dir, device, bf16, cfg.batch_size, layers
+        )
+
+    return Images.of(data, features(()), features(stages) if stages else None), stages
+
+
 def audit(cfg: DictConfig) -> Findings:
     """Find label issues, copies (leaks first) and outliers in `cfg.data`; write the files."""
     quiet_lightning()
     data = instantiate(cfg.data)
-    backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
-    model = TransferNet(backbone, data.classes, cfg.image_size)
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg.precision, "gpu" if device.type == "cuda" else "cpu")
-    bf16 = "bf16" in precision
-    features = cached_features(model, data, backbone, cfg.cache_dir, device, bf16, cfg.batch_size)
-    stages = label_layers(model, cfg.audit.label_features)
-    label_features = (
-        cached_features(model, data, backbone, cfg.cache_dir, device, bf16, cfg.batch_size, stages)
-        if stages
-        else None
-    )
-    images = Images.of(data, features, label_features)
+    images, stages = audited_images(cfg, data, device, "bf16" in precision)
     hash_cache = hash_cache_file(cfg.data.get("scan_cache"), data.root)
     settings = OmegaConf.to_container(cfg.audit, resolve=True) | {"label_layers": list(stages)}
     findings = audit_images(images, settings, hash_cache)
