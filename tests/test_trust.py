@@ -5,6 +5,7 @@ import json
 import math
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import onnxruntime
 import pytest
@@ -18,7 +19,7 @@ from src.data.scan import list_images
 from src.eval import evaluate
 from src.export import export
 from src.predict import predict
-from src.train import train
+from src.train import train, train_run
 from src.trust.calibration import (
     checked_temperature,
     expected_calibration_error,
@@ -228,10 +229,6 @@ def test_eval_reports_selective_accuracy_and_reliability(run, tmp_path):
 def test_trust_stage_reads_the_best_checkpoints_weights(tiny_cfg, monkeypatch):
     """ddp_spawn's main process keeps the last fit's weights, not those its ranks tested (the
     best checkpoint's): the temperature and ECE are those of the best weights all the same."""
-    import lightning as L
-
-    from src.train import train_run
-
     straight = train_run(tiny_cfg)
     real_test = L.Trainer.test
 
