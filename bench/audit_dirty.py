@@ -9,7 +9,8 @@ other pairs listed, the rank of each planted outlier; and the same counts on the
     python -m bench.audit_dirty fashion-mnist --per-class 100 --image-size 96
 
 `--copies N` plants N dirty copies (seeds 0 to N-1: other images moved, leaked and dropped in)
-and prints each and their mean; `--label-features pooled` audits as before the stage features.
+and prints each, their mean and their lowest; `--label-features pooled` has the probes read the
+pooled features.
 """
 
 import argparse
@@ -201,8 +202,8 @@ def main() -> None:
                 rows.setdefault(l2, []).append(row)
     for l2, dirty in rows.items():
         mean = {k: round(float(np.mean([r[k] for r in dirty])), 3) for k in ("precision", "recall")}
-        low = round(min(r["recall"] for r in dirty), 3)
-        print(f"l2={l2:g} over {len(dirty)} dirty copies: mean {mean}, lowest recall {low}")
+        low = {k: round(min(r[k] for r in dirty), 3) for k in ("precision", "recall")}
+        print(f"l2={l2:g} over {len(dirty)} dirty copies: mean {mean}, lowest {low}")
 
 
 if __name__ == "__main__":

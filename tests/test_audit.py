@@ -10,13 +10,15 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 from PIL import Image
+from sklearn.neighbors import NearestNeighbors
+from sklearn.preprocessing import StandardScaler
 
 import src.quality.findings
 from src.audit import audit, label_layers
 from src.data.module import ImageFolderData
 from src.quality.duplicates import CopyRules, find_copies
 from src.quality.hashes import fingerprints
-from src.quality.label_issues import label_issues
+from src.quality.label_issues import label_issues, neighbour_votes
 from src.quality.leaks import warn_if_leaks
 from src.quality.neighbours import nearest
 from src.quality.outliers import outliers
@@ -51,6 +53,40 @@ def test_planted_label_errors_rank_above_clean_ones(one_thread):
     ranked = [i for i, _, _ in found]
     assert sorted(ranked[: len(planted)]) == sorted(planted)
     assert all(suggested == int(labels[i]) for i, suggested, _ in found[: len(planted)])
+
+
+def test_a_larger_frac_noise_lists_more_of_the_doubted_images(one_thread):
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(3).repeat_interleave(40)
+    features = torch.randn(3, 16, generator=generator)[labels] + torch.randn(
+        120, 16, generator=generator
+    )
+    noisy = labels.clone()
+    noisy[[0, 41, 82]] = (labels[[0, 41, 82]] + 1) % 3
+    listed = {
+        frac: [i for i, _, _ in label_issues(features, noisy, 3, l2=1.0, frac_noise=frac)]
+        for frac in (1.0, 2.0)
+    }
+    assert set(listed[1.0]) < set(listed[2.0])
+
+
+def test_neighbour_votes_are_a_leave_one_out_knn_on_standardised_features():
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(40, 8, generator=generator) * torch.arange(1, 9)  # scales differ
+    labels = torch.arange(4).repeat(10)
+    z = StandardScaler().fit_transform(features.double().numpy())
+    ids = NearestNeighbors(n_neighbors=6, metric="cosine").fit(z).kneighbors(z)[1][:, 1:]
+    expected = np.stack([(labels.numpy()[ids] == c).mean(1) for c in range(4)], 1)
+    np.testing.assert_array_equal(neighbour_votes(features, labels, 4, k=5), expected)
+
+
+def test_a_small_class_fills_its_own_neighbour_votes():
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(33, 8, generator=generator)
+    features[30:] = 10 + 0.1 * torch.randn(3, 8, generator=generator)  # a class of 3, apart
+    labels = torch.tensor([0, 1] * 15 + [2] * 3)
+    votes = neighbour_votes(features, labels, 3, k=10)
+    assert votes[30:, 2].tolist() == [1.0, 1.0, 1.0]  # k = 2: not 2 of 10 for being small
 
 
 def test_exact_and_resized_reencoded_test_copies_are_leaks(tmp_path):
@@ -139,7 +175,7 @@ def test_audit_writes_csvs_and_a_valid_page_embedding_every_listed_image(
     probed = []
 
     def recording(features, *args, **kwargs):
-        probed.append(features.shape)
+        probed.append((features.shape, args[2:]))
         return label_issues(features, *args, **kwargs)
 
     monkeypatch.setattr(src.quality.findings, "label_issues", recording)
@@ -156,6 +192,8 @@ def test_audit_writes_csvs_and_a_valid_page_embedding_every_listed_image(
                 "image_size=32",
                 "precision=32-true",
                 "audit.folds=3",
+                "audit.label_neighbours=4",
+                "audit.frac_noise=1.5",
             ],
         )
     with open_dict(cfg):
@@ -164,7 +202,8 @@ def test_audit_writes_csvs_and_a_valid_page_embedding_every_listed_image(
     (tmp_path / "out").mkdir()
     findings = audit(cfg)
     out = tmp_path / "out"
-    assert probed == [(3 * 8 + 3 * 4 + 1, 24 + 32 + 96)]  # every image; MobileNetV2 stages
+    # every image, MobileNetV2's stages; folds, l2, k-NN, frac_noise and seed as set
+    assert probed == [((3 * 8 + 3 * 4 + 1, 24 + 32 + 96), (3, 0.3, 4, 1.5, 42))]
     assert findings.leaks()[0]["kind"] == "exact"
     for name in ("label_issues", "duplicates", "outliers"):
         assert (out / f"{name}.csv").read_text().startswith(("path,", "path_a,"))

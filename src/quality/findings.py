@@ -93,6 +93,8 @@ def audit_images(images: Images, settings: dict[str, Any], hash_cache: Path | No
         len(images.classes),
         settings["folds"],
         settings["l2"],
+        settings["label_neighbours"],
+        settings["frac_noise"],
         settings["seed"],
     )
     digests, thumbs = fingerprints(images.paths, hash_cache)
