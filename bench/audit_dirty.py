@@ -7,6 +7,10 @@ other pairs listed, the rank of each planted outlier; and the same counts on the
 
     python -m bench.audit_dirty footwear [--copies 5] [--backbone efficientnet_lite0]
     python -m bench.audit_dirty fashion-mnist --per-class 100 --image-size 96
+    python -m bench.audit_dirty mosaic --image-size 112 --copies 3
+
+`mosaic` is a multi-label table (bench.multilabel's Fashion-MNIST 2 x 2 mosaics, labels = the
+classes shown) with one label swapped for an absent one in 5% of rows; only label issues count.
 
 `--copies N` plants N dirty copies (seeds 0 to N-1: other images moved, leaked and dropped in)
 and prints each, their mean and their lowest; `--label-features pooled` has the probes read the
@@ -29,6 +33,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
+from bench.multilabel import build
 from src.audit import audited_images
 from src.quality.findings import Images, audit_images
 from src.quality.neighbours import nearest
@@ -101,6 +106,23 @@ def make_dirty(root: Path, share: float, leaks: int, seed: int = 0) -> dict[str,
     return {"moved": moved, "copies": copies, "outliers": outliers}
 
 
+def dirty_table(table: Path, share: float, seed: int = 0) -> dict[str, Any]:
+    """Plant into a multi-label table (in place): in `share` of its rows one label swapped for
+    one the image does not show. Returns the planted rows' image names."""
+    rng = random.Random(seed)
+    header, *rows = table.read_text().splitlines()
+    labels = sorted({name for row in rows for name in row.split(",")[1].split()})
+    moved = []
+    for i in sorted(rng.sample(range(len(rows)), round(share * len(rows)))):
+        path, given = rows[i].split(",")
+        shown = given.split()
+        shown[rng.randrange(len(shown))] = rng.choice([n for n in labels if n not in shown])
+        rows[i] = f"{path},{' '.join(sorted(shown))}"
+        moved.append(path)
+    table.write_text("\n".join([header, *rows]) + "\n")
+    return {"moved": moved, "copies": [], "outliers": []}
+
+
 def features_of(
     root: Path, backbone: str, image_size: int, work: Path, label_features: str
 ) -> tuple[Images, dict[str, Any], Path]:
@@ -124,10 +146,14 @@ def features_of(
     return images, OmegaConf.to_container(cfg.audit, resolve=True), work / "hashes.json"
 
 
-def score(images: Images, settings: dict, hashes: Path, planted: dict | None) -> dict[str, Any]:
-    """One table row: what the audit listed and, with `planted`, how much of it was planted."""
-    found = audit_images(images, settings, hashes).rows
-    issues = [r["path"] for r in found["label_issues"]]
+def score(
+    images: Images, settings: dict, hashes: Path, planted: dict | None, mosaic: bool = False
+) -> dict[str, Any]:
+    """One table row: what the audit listed and, with `planted`, how much of it was planted
+    (`mosaic`: a table's rows, named by their image's file name)."""
+    findings = audit_images(images, settings, hashes)
+    found = findings.rows
+    issues = [Path(r["path"]).name if mosaic else r["path"] for r in found["label_issues"]]
     pairs = {(r["path_a"], r["path_b"]) for r in found["duplicates"]}
     pairs |= {(b, a) for a, b in pairs}
     leaks = [r for r in found["duplicates"] if (r["split_a"] == "test") != (r["split_b"] == "test")]
@@ -136,6 +162,7 @@ def score(images: Images, settings: dict, hashes: Path, planted: dict | None) ->
         "pairs": len(found["duplicates"]),
         "leaks": len(leaks),
         "outliers": len(found["outliers"]),
+        "agreement": findings.label_agreement,
     }
     if planted:
         moved = set(planted["moved"])
@@ -148,6 +175,8 @@ def score(images: Images, settings: dict, hashes: Path, planted: dict | None) ->
             "leaks_found": sum(c in pairs for c in planted["copies"]),
             "other_pairs": len(found["duplicates"]) - sum(c in pairs for c in planted["copies"]),
         }
+        if mosaic:
+            return row
         order = outlier_scores(nearest(images.features, settings["neighbours"])[0]).argsort(
             descending=True
         )
@@ -158,10 +187,11 @@ def score(images: Images, settings: dict, hashes: Path, planted: dict | None) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("dataset", choices=["footwear", "fashion-mnist"])
+    parser.add_argument("dataset", choices=["footwear", "fashion-mnist", "mosaic"])
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--image-size", type=int, default=160)
     parser.add_argument("--per-class", type=int, default=300)
+    parser.add_argument("--mosaics", type=int, default=600)
     parser.add_argument("--work", type=Path, default=Path("/tmp/audit-bench"))
     parser.add_argument("--l2", type=float, nargs="*", default=[])
     parser.add_argument("--copies", type=int, default=1)
@@ -176,17 +206,22 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
             if args.dataset == "footwear":
                 shutil.copytree("data/footwear", root)
+            elif args.dataset == "mosaic":
+                build(root, args.mosaics)
             else:
                 fashion_mnist(root, args.per_class, args.per_class // 5)
-            dirty = state != "clean"
-            planted = make_dirty(root, 0.05, 10, int(state[5:])) if dirty else None
+            planted = None
+            if state != "clean" and args.dataset == "mosaic":
+                planted = dirty_table(root / "labels.csv", 0.05, int(state[5:]))
+            elif state != "clean":
+                planted = make_dirty(root, 0.05, 10, int(state[5:]))
             record.write_text(json.dumps(planted))
         planted = json.loads(record.read_text())
         if planted:
             planted["copies"] = [tuple(pair) for pair in planted["copies"]]
         start = time.perf_counter()
         images, settings, hashes = features_of(
-            root,
+            root / "labels.csv" if args.dataset == "mosaic" else root,
             args.backbone,
             args.image_size,
             args.work / args.dataset / f"{state}-work",
@@ -196,7 +231,7 @@ def main() -> None:
         print(f"{args.dataset} {state}: {len(images.paths)} images, features {took:.1f} s")
         for l2 in args.l2 or [settings["l2"]]:
             start = time.perf_counter()
-            row = score(images, settings | {"l2": l2}, hashes, planted)
+            row = score(images, settings | {"l2": l2}, hashes, planted, args.dataset == "mosaic")
             print(f"  l2={l2:g} audit {time.perf_counter() - start:.1f} s: {row}")
             if planted:
                 rows.setdefault(l2, []).append(row)

@@ -49,10 +49,11 @@ def test_planted_label_errors_rank_above_clean_ones(one_thread):
     planted = [0, 41, 82, 5, 46, 87]
     for i in planted:
         noisy[i] = (labels[i] + 1) % 3
-    found = label_issues(features, noisy, 3, folds=5, l2=1.0, seed=0)
+    found, agreement = label_issues(features, noisy, 3, folds=5, l2=1.0, seed=0)
     ranked = [i for i, _, _ in found]
+    assert agreement == pytest.approx(1 - len(planted) / 120, abs=0.03)
     assert sorted(ranked[: len(planted)]) == sorted(planted)
-    assert all(suggested == int(labels[i]) for i, suggested, _ in found[: len(planted)])
+    assert all(suggested == (int(labels[i]),) for i, suggested, _ in found[: len(planted)])
 
 
 def test_a_larger_frac_noise_lists_more_of_the_doubted_images(one_thread):
@@ -64,10 +65,29 @@ def test_a_larger_frac_noise_lists_more_of_the_doubted_images(one_thread):
     noisy = labels.clone()
     noisy[[0, 41, 82]] = (labels[[0, 41, 82]] + 1) % 3
     listed = {
-        frac: [i for i, _, _ in label_issues(features, noisy, 3, l2=1.0, frac_noise=frac)]
+        frac: [i for i, _, _ in label_issues(features, noisy, 3, l2=1.0, frac_noise=frac)[0]]
         for frac in (1.0, 2.0)
     }
     assert set(listed[1.0]) < set(listed[2.0])
+
+
+def test_planted_multilabel_errors_rank_above_clean_ones(one_thread, caplog):
+    generator = torch.Generator().manual_seed(1)
+    truth = (torch.rand(150, 4, generator=generator) < 0.4).float()
+    truth[:, 3] = 0
+    truth[0, 3] = 1  # a label on one image only: too rare for two folds, left out
+    features = truth @ (torch.randn(4, 16, generator=generator) * 3)
+    features += 1.5 * torch.randn(150, 16, generator=generator)
+    noisy = truth.clone()
+    planted = [3, 50, 97, 120]
+    for i in planted:
+        noisy[i, i % 3] = 1 - noisy[i, i % 3]
+    found, agreement = label_issues(features, noisy, 4, l2=0.1)
+    assert sorted(i for i, _, _ in found[: len(planted)]) == planted
+    assert all(suggested == tuple(truth[i, :3].nonzero().flatten().tolist())
+               for i, suggested, _ in found[: len(planted)])  # fmt: skip
+    assert 0.9 < agreement < 1
+    assert "skips labels [3]" in caplog.text
 
 
 def test_neighbour_votes_are_a_leave_one_out_knn_on_standardised_features():
@@ -217,6 +237,38 @@ def test_audit_writes_csvs_and_a_valid_page_embedding_every_listed_image(
     report = (out / "report.md").read_text()
     assert "| leaks (copies across train/val and test) | 1 |" in report
     assert "label_layers=['features.3', 'features.6', 'features.13']" in report  # stated
+
+
+def test_audit_of_a_multilabel_table_lists_labels_by_name(tmp_path, one_thread):
+    root = smooth_folder(tmp_path / "data", per_class=8, test=0)
+    weights = calibrated_mobilenet_v2(root, tmp_path / "calibrated.pth")
+    rows = ["path,labels"]
+    for i, path in enumerate(sorted(root.glob("training/*/*.png"))):
+        rows.append(f"{path},{path.parent.name}{' spotted' * (i % 2)}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            "audit",
+            [
+                f"backbone.weights={weights}",
+                "data=table",
+                f"data.root={root / 'labels.csv'}",
+                "image_size=32",
+                "precision=32-true",
+                "audit.folds=2",
+            ],
+        )
+    with open_dict(cfg):
+        cfg.output_dir, cfg.cache_dir = str(tmp_path / "out"), str(tmp_path / "cache")
+    (tmp_path / "out").mkdir()
+    findings = audit(cfg)
+    names = {"class_0", "class_1", "class_2", "spotted"}
+    assert findings.rows["label_issues"]  # "spotted" is noise: the probes doubt it
+    for row in findings.rows["label_issues"]:
+        assert set(row["given"].split(";")) <= names  # an empty suggestion: no label
+        assert {name for name in row["suggested"].split(";") if name} <= names
+    assert 0 < findings.label_agreement < 1
+    assert "| label agreement (" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_unknown_label_features_setting_is_one_line():

@@ -56,6 +56,15 @@ class Images:
             torch.cat([label_features[n] for n in names]) if label_features else pooled,
         )
 
+    def given(self, i: int) -> tuple[int, ...]:
+        """Image i's class, or its labels for label rows."""
+        y = self.labels[i]
+        return tuple(y.nonzero().flatten().tolist()) if y.ndim else (int(y),)
+
+    def label_names(self, classes: tuple[int, ...]) -> str:
+        """The names of `classes`, joined by ';' as a multi-label table may write them."""
+        return ";".join(self.classes[c] for c in classes)
+
     def name(self, i: int) -> str:
         """Image i's path relative to the data root."""
         path = self.paths[i]
@@ -70,6 +79,7 @@ class Findings:
 
     rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    label_agreement: float = float("nan")  # the label check's out-of-fold accuracy (mAP)
 
     def leaks(self) -> list[dict[str, Any]]:
         """The duplicate pairs across train/val and test."""
@@ -87,7 +97,7 @@ class Findings:
 def audit_images(images: Images, settings: dict[str, Any], hash_cache: Path | None) -> Findings:
     """Label issues, copies and outliers of `images` by `settings` (conf/audit.yaml's `audit`)."""
     sims, ids = nearest(images.features, settings["neighbours"])
-    issues = label_issues(
+    issues, agreement = label_issues(
         images.label_features,
         images.labels,
         len(images.classes),
@@ -101,14 +111,14 @@ def audit_images(images: Images, settings: dict[str, Any], hash_cache: Path | No
     rules = CopyRules(**settings["copies"])
     copies = find_copies(digests, thumbs, (sims, ids), images.splits, rules)
     far = outliers(sims, settings["outlier_z"])
-    c, s = images.classes, images.splits
+    s = images.splits
     rows = {
         "label_issues": [
             {
                 "path": images.name(i),
                 "split": s[i],
-                "given": c[int(images.labels[i])],
-                "suggested": c[hint],
+                "given": images.label_names(images.given(i)),
+                "suggested": images.label_names(hint),
                 "score": round(score, 4),
                 "rank": rank,
             }
@@ -130,4 +140,4 @@ def audit_images(images: Images, settings: dict[str, Any], hash_cache: Path | No
             for rank, (i, score, _) in enumerate(far, 1)
         ],
     }
-    return Findings(rows, dict(settings))
+    return Findings(rows, dict(settings), round(agreement, 4))

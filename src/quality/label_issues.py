@@ -1,41 +1,66 @@
 """Images most likely labelled wrong: each image's class probabilities from two classifiers its
-own label never influenced, K-fold linear probes on the cached features (src.frozen.probe) and a
-leave-one-out k-NN vote on the same features, averaged and ranked by confident learning
-(cleanlab's `find_label_issues`, Northcutt et al. 2021)."""
+own label never influenced, K-fold linear probes on the cached features (src.frozen.probe, or
+src.frozen.label_probe for a multi-label table) and a leave-one-out k-NN vote on the same
+features, averaged and ranked by confident learning (cleanlab's `find_label_issues`, Northcutt
+et al. 2021; one-vs-rest per label for multi-label).
+
+`labels` is (n,) class indices, or (n, labels) 0/1 rows of a multi-label table."""
+
+import logging
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from cleanlab.filter import find_label_issues
+from cleanlab.multilabel_classification.rank import get_label_quality_scores as multilabel_scores
 from cleanlab.rank import get_label_quality_scores
+from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 from sklearn.model_selection import StratifiedKFold
 
+from src.frozen.label_probe import fit_label_probe
 from src.frozen.probe import fit_probe, standardisation
+from src.model.metrics import mean_average_precision
 from src.quality.neighbours import nearest
+
+log = logging.getLogger(__name__)
+
+
+def rarest(labels: torch.Tensor, num_classes: int) -> int:
+    """Images of the rarest class, or of the rarer side (positive, negative) of any label."""
+    if labels.ndim == 1:
+        return int(labels.bincount(minlength=num_classes).min())
+    return int(torch.minimum(labels.sum(0), len(labels) - labels.sum(0)).min())
+
+
+def folds_of(labels: torch.Tensor, num_classes: int, folds: int, seed: int) -> Iterator:
+    """(fit, held) index arrays of stratified seeded folds (iteratively stratified for label
+    rows), no more folds than the rarest class has images."""
+    k = max(2, min(folds, rarest(labels, num_classes)))
+    kind = MultilabelStratifiedKFold if labels.ndim == 2 else StratifiedKFold
+    return kind(n_splits=k, shuffle=True, random_state=seed).split(
+        np.zeros((len(labels), 1)), labels.numpy()
+    )
 
 
 def out_of_fold_probabilities(
     features: torch.Tensor, labels: torch.Tensor, num_classes: int, folds: int, l2: float, seed: int
 ) -> np.ndarray:
     """(n, classes) probabilities, each image's from a probe fitted on the other folds (at L2
-    strength `l2`, stratified seeded folds): what the image's label never influenced."""
+    strength `l2`): what the image's label never influenced. Softmax over the classes, or one
+    sigmoid per label for label rows."""
     probs = np.zeros((len(labels), num_classes))
-    k = max(2, min(folds, int(labels.bincount(minlength=num_classes).min())))
-    splitter = StratifiedKFold(k, shuffle=True, random_state=seed)
-    for fit_ids, held_ids in splitter.split(np.zeros(len(labels)), labels.numpy()):
+    for fit_ids, held_ids in folds_of(labels, num_classes, folds, seed):
         fit_ids, held_ids = torch.from_numpy(fit_ids), torch.from_numpy(held_ids)
-        probe = fit_probe(
-            features[fit_ids],
-            labels[fit_ids],
-            features[held_ids],
-            labels[held_ids],
-            num_classes,
-            l2_grid=[l2],
-            tol=1e-4,
-            refit_tol=None,
-        )
-        logits = F.linear(features[held_ids].float(), probe.weight, probe.bias)
-        probs[held_ids.numpy()] = logits.softmax(dim=1).double().numpy()
+        fit, held = (features[fit_ids], labels[fit_ids]), (features[held_ids], labels[held_ids])
+        options = {"l2_grid": [l2], "tol": 1e-4, "refit_tol": None}
+        if labels.ndim == 2:
+            probe = fit_label_probe(*fit, *held, **options)
+        else:
+            probe = fit_probe(*fit, *held, num_classes, **options)
+        logits = F.linear(held[0].float(), probe.weight, probe.bias)
+        out = logits.sigmoid() if labels.ndim == 2 else logits.softmax(dim=1)
+        probs[held_ids.numpy()] = out.double().numpy()
     return probs
 
 
@@ -44,11 +69,21 @@ def neighbour_votes(
 ) -> np.ndarray:
     """(n, classes) share of each image's k nearest other images (cosine on standardised
     features) in each class: a leave-one-out k-NN classifier, as cleanlab's Datalab builds from
-    features. k is capped at the smallest class's size less one, so every class can fill a vote."""
-    k = max(1, min(k, int(labels.bincount(minlength=num_classes).min()) - 1))
+    features. k is capped at the rarest class's images less one, so every class can fill a
+    vote."""
+    k = max(1, min(k, rarest(labels, num_classes) - 1))
     mean, scale = standardisation(features)
     _, ids = nearest((features.double() - mean) / scale, k)
     return F.one_hot(labels[ids], num_classes).double().mean(dim=1).numpy()
+
+
+def auditable(labels: torch.Tensor) -> torch.Tensor:
+    """The labels of a multi-label table with two images on each side (positive, negative):
+    enough for two folds. The rest keep their given values (no doubt) and are logged."""
+    counts = torch.minimum(labels.sum(0), len(labels) - labels.sum(0))
+    if skipped := (counts < 2).nonzero().flatten().tolist():
+        log.warning("label check skips labels %s: fewer than 2 images with or without", skipped)
+    return counts >= 2
 
 
 def label_issues(
@@ -60,17 +95,37 @@ def label_issues(
     neighbours: int = 10,
     frac_noise: float = 1.0,
     seed: int = 0,
-) -> list[tuple[int, int, float]]:
-    """(index, suggested class, score) of the images cleanlab finds labelled wrong, most likely
-    first, from the mean of the probes' and the k-NN's probabilities; score = 1 - the label's
-    self-confidence (its mean probability), in [0, 1]. `frac_noise` scales how many are listed
-    against the number of wrong labels confident learning estimates (cleanlab's argument: > 1
-    lists more of the images the classifiers doubt, for a person to review)."""
-    probs = out_of_fold_probabilities(features, labels, num_classes, folds, l2, seed)
-    probs = (probs + neighbour_votes(features, labels, num_classes, neighbours)) / 2
-    given = labels.numpy()
+) -> tuple[list[tuple[int, tuple[int, ...], float]], float]:
+    """(index, suggested classes, score) of the images cleanlab finds labelled wrong, most
+    likely first, and how far the given labels agree with the probabilities out of fold
+    (accuracy; mAP for label rows): the lower, the more clean images the list holds.
+
+    Classes: the mean of the probes' and the k-NN vote's probabilities; suggested the likeliest
+    class. Label rows: the probes' (a neighbour shares few of a scene's labels); suggested every
+    label at >= 0.5. score = 1 - cleanlab's label quality (self-confidence), in [0, 1].
+    `frac_noise` scales how many are listed against the number of wrong labels confident
+    learning estimates (cleanlab's argument: > 1 lists more of the images the classifiers doubt,
+    for a person to review)."""
+    if labels.ndim == 1:
+        probs = out_of_fold_probabilities(features, labels, num_classes, folds, l2, seed)
+        probs = (probs + neighbour_votes(features, labels, num_classes, neighbours)) / 2
+        given, kind = labels.numpy(), {}
+        quality = get_label_quality_scores(given, probs, method="self_confidence")
+        suggest = [(int(p.argmax()),) for p in probs]
+        agreement = float((probs.argmax(1) == given).mean())
+    else:
+        probs, kept = labels.double().numpy(), auditable(labels)
+        if kept.any():
+            y = labels[:, kept]
+            probs[:, kept.numpy()] = out_of_fold_probabilities(
+                features, y, y.shape[1], folds, l2, seed
+            )
+        given, kind = [row.nonzero().flatten().tolist() for row in labels], {"multi_label": True}
+        quality = multilabel_scores(given, probs)
+        suggest = [tuple(np.flatnonzero(p >= 0.5).tolist()) for p in probs]
+        kept_probs, kept_labels = torch.from_numpy(probs[:, kept.numpy()]), labels[:, kept]
+        agreement = mean_average_precision(kept_probs, kept_labels.double())
     found = find_label_issues(
-        given, probs, frac_noise=frac_noise, return_indices_ranked_by="self_confidence"
+        given, probs, frac_noise=frac_noise, return_indices_ranked_by="self_confidence", **kind
     )
-    quality = get_label_quality_scores(given, probs, method="self_confidence")
-    return [(int(i), int(probs[i].argmax()), float(1 - quality[i])) for i in found]
+    return [(int(i), suggest[i], float(1 - quality[i])) for i in found], agreement

@@ -32,12 +32,14 @@ def thumbnail(path: Path) -> str:
     return f'<img src="data:image/jpeg;base64,{data}" alt="{html.escape(path.name)}">'
 
 
-def counts(findings: Findings) -> dict[str, int]:
-    """What the audit listed, by kind."""
+def counts(findings: Findings) -> dict[str, int | float]:
+    """What the audit listed, by kind, and how far to trust the label issues."""
     copies = findings.rows["duplicates"]
     return {
         "leaks (copies across train/val and test)": len(findings.leaks()),
         "label issues": len(findings.rows["label_issues"]),
+        "label agreement (out-of-fold accuracy of the label check, mAP for multi-label; the "
+        "lower, the more clean images among the label issues)": findings.label_agreement,
         "duplicate pairs (all)": len(copies),
         "exact copies": sum(r["kind"] == "exact" for r in copies),
         "outliers": len(findings.rows["outliers"]),
