@@ -360,9 +360,11 @@ def test_multilabel_run_end_to_end(tmp_path: Path, one_thread) -> None:
     info = export(command_cfg("export", [f"ckpt_path={ckpt}"], tmp_path / "export"))
     assert info["task"] == "multilabel" and "sigmoid" in info["output"]["meaning"]
     assert list(info["thresholds"].values()) == thresholds
-    # the probe's logits reach thousands on these separable colours: parity relative to them
+    # the probe's logits reach thousands on these separable colours: parity relative to them,
+    # at float32 rounding over a reduction of the features (1.7e-6 seen with Intel's AMX
+    # kernels); a wrong export is off by the logits' own size
     largest_logit = info["parity"]["allowed"] / info["parity"]["tolerance"]
-    assert info["parity"]["max_abs_diff"] <= 1e-6 * largest_logit
+    assert info["parity"]["max_abs_diff"] <= 1e-5 * largest_logit
 
     # eval: the run's own test split, its thresholds, the figures the run reported
     from src.eval import evaluate
