@@ -1,5 +1,6 @@
 """The data audit (src.quality, src.audit) and data.exclude."""
 
+import re
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
@@ -269,6 +270,26 @@ def test_audit_of_a_multilabel_table_lists_labels_by_name(tmp_path, one_thread):
         assert {name for name in row["suggested"].split(";") if name} <= names
     assert 0 < findings.label_agreement < 1
     assert "| label agreement (" in (tmp_path / "out" / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "override, wanted",
+    [
+        ("audit.frac_noise=abc", "a number above 0"),
+        ("audit.l2=-1", "a number above 0"),
+        ("audit.folds=1", "a whole number >= 2"),
+        ("audit.label_neighbours=2.5", "a whole number >= 1"),
+    ],
+)
+def test_a_bad_audit_number_is_one_line_before_any_extraction(tmp_path, override, wanted):
+    root = smooth_folder(tmp_path / "data")
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("audit", ["data=imagefolder", f"data.root={root}", override])
+    with open_dict(cfg):
+        cfg.output_dir, cfg.cache_dir = str(tmp_path / "out"), str(tmp_path / "cache")
+    with pytest.raises(UserError, match=rf"^{re.escape(override)} is not {wanted}\. Fix: "):
+        audit(cfg)
+    assert not (tmp_path / "cache").exists()
 
 
 def test_unknown_label_features_setting_is_one_line():
