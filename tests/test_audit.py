@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
+from omegaconf import DictConfig, open_dict
 from PIL import Image
 from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import StandardScaler
@@ -26,6 +26,8 @@ from src.quality.outliers import outliers
 from src.run.errors import UserError
 from tests.conftest import CONF_DIR, calibrated_mobilenet_v2, make_folder
 
+TINY = ["image_size=32", "precision=32-true"]  # a calibrated random MobileNetV2's settings
+
 
 def smooth_folder(root: Path, per_class: int = 6, test: int = 3) -> Path:
     """3 classes of distinct smooth random images (6 x 6 noise upscaled to 32 px, RGB)."""
@@ -39,6 +41,17 @@ def smooth_folder(root: Path, per_class: int = 6, test: int = 3) -> Path:
                 image = Image.fromarray(small).resize((32, 32), Image.Resampling.BICUBIC)
                 image.save(folder / f"image{i}.png")
     return root
+
+
+def audit_cfg(tmp_path: Path, overrides: list[str]) -> DictConfig:
+    """conf/audit.yaml with `overrides`, its run dir (made), caches and scan under tmp_path."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("audit", overrides)
+    with open_dict(cfg):
+        cfg.output_dir, cfg.cache_dir = str(tmp_path / "out"), str(tmp_path / "cache")
+        cfg.data.scan_cache = str(tmp_path / "scan")
+    (tmp_path / "out").mkdir(exist_ok=True)
+    return cfg
 
 
 def test_planted_label_errors_rank_above_clean_ones(one_thread):
@@ -203,24 +216,11 @@ def test_audit_writes_csvs_and_a_valid_page_embedding_every_listed_image(
     root = smooth_folder(tmp_path / "data", per_class=8, test=4)
     shutil.copy(root / "validation/class_2/image0.png", root / "training/class_2/leak.png")
     weights = calibrated_mobilenet_v2(root, tmp_path / "calibrated.pth")
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(
-            "audit",
-            [
-                f"backbone.weights={weights}",
-                "data=imagefolder",
-                f"data.root={root}",
-                "image_size=32",
-                "precision=32-true",
-                "audit.folds=3",
-                "audit.label_neighbours=4",
-                "audit.frac_noise=1.5",
-            ],
-        )
-    with open_dict(cfg):
-        cfg.output_dir, cfg.cache_dir = str(tmp_path / "out"), str(tmp_path / "cache")
-        cfg.data.scan_cache = str(tmp_path / "scan")
-    (tmp_path / "out").mkdir()
+    cfg = audit_cfg(
+        tmp_path,
+        [f"backbone.weights={weights}", "data=imagefolder", f"data.root={root}", *TINY]
+        + ["audit.folds=3", "audit.label_neighbours=4", "audit.frac_noise=1.5"],
+    )
     findings = audit(cfg)
     out = tmp_path / "out"
     # every image, MobileNetV2's stages; folds, l2, k-NN, frac_noise and seed as set
@@ -247,21 +247,8 @@ def test_audit_of_a_multilabel_table_lists_labels_by_name(tmp_path, one_thread):
     for i, path in enumerate(sorted(root.glob("training/*/*.png"))):
         rows.append(f"{path},{path.parent.name}{' spotted' * (i % 2)}")
     (root / "labels.csv").write_text("\n".join(rows) + "\n")
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(
-            "audit",
-            [
-                f"backbone.weights={weights}",
-                "data=table",
-                f"data.root={root / 'labels.csv'}",
-                "image_size=32",
-                "precision=32-true",
-                "audit.folds=2",
-            ],
-        )
-    with open_dict(cfg):
-        cfg.output_dir, cfg.cache_dir = str(tmp_path / "out"), str(tmp_path / "cache")
-    (tmp_path / "out").mkdir()
+    table = ["data=table", f"data.root={root / 'labels.csv'}"]
+    cfg = audit_cfg(tmp_path, [f"backbone.weights={weights}", *table, *TINY, "audit.folds=2"])
     findings = audit(cfg)
     names = {"class_0", "class_1", "class_2", "spotted"}
     assert findings.rows["label_issues"]  # "spotted" is noise: the probes doubt it
@@ -283,10 +270,7 @@ def test_audit_of_a_multilabel_table_lists_labels_by_name(tmp_path, one_thread):
 )
 def test_a_bad_audit_number_is_one_line_before_any_extraction(tmp_path, override, wanted):
     root = smooth_folder(tmp_path / "data")
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("audit", ["data=imagefolder", f"data.root={root}", override])
-    with open_dict(cfg):
-        cfg.output_dir, cfg.cache_dir = str(tmp_path / "out"), str(tmp_path / "cache")
+    cfg = audit_cfg(tmp_path, ["data=imagefolder", f"data.root={root}", override])
     with pytest.raises(UserError, match=rf"^{re.escape(override)} is not {wanted}\. Fix: "):
         audit(cfg)
     assert not (tmp_path / "cache").exists()
