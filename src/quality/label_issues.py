@@ -26,11 +26,16 @@ from src.quality.neighbours import nearest
 log = logging.getLogger(__name__)
 
 
-def rarest(labels: torch.Tensor, num_classes: int) -> int:
-    """Images of the rarest class, or of the rarer side (positive, negative) of any label."""
+def class_sizes(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Images per class, or per label the images on its rarer side (positive, negative)."""
     if labels.ndim == 1:
-        return int(labels.bincount(minlength=num_classes).min())
-    return int(torch.minimum(labels.sum(0), len(labels) - labels.sum(0)).min())
+        return labels.bincount(minlength=num_classes)
+    return torch.minimum(labels.sum(0), len(labels) - labels.sum(0))
+
+
+def rarest(labels: torch.Tensor, num_classes: int) -> int:
+    """Images of the rarest class, or of the rarer side of any label."""
+    return int(class_sizes(labels, num_classes).min())
 
 
 def folds_of(labels: torch.Tensor, num_classes: int, folds: int, seed: int) -> Iterator:
@@ -80,7 +85,7 @@ def neighbour_votes(
 def auditable(labels: torch.Tensor) -> torch.Tensor:
     """The labels of a multi-label table with two images on each side (positive, negative):
     enough for two folds. The rest keep their given values (no doubt) and are logged."""
-    counts = torch.minimum(labels.sum(0), len(labels) - labels.sum(0))
+    counts = class_sizes(labels, labels.shape[1])
     if skipped := (counts < 2).nonzero().flatten().tolist():
         log.warning("label check skips labels %s: fewer than 2 images with or without", skipped)
     return counts >= 2
@@ -114,17 +119,17 @@ def label_issues(
         suggest = [(int(p.argmax()),) for p in probs]
         agreement = float((probs.argmax(1) == given).mean())
     else:
-        probs, kept = labels.double().numpy(), auditable(labels)
+        kept = auditable(labels)
+        y = labels[:, kept]
+        probs = labels.double().numpy()
         if kept.any():
-            y = labels[:, kept]
             probs[:, kept.numpy()] = out_of_fold_probabilities(
                 features, y, y.shape[1], folds, l2, seed
             )
         given, kind = [row.nonzero().flatten().tolist() for row in labels], {"multi_label": True}
         quality = multilabel_scores(given, probs)
         suggest = [tuple(np.flatnonzero(p >= 0.5).tolist()) for p in probs]
-        kept_probs, kept_labels = torch.from_numpy(probs[:, kept.numpy()]), labels[:, kept]
-        agreement = mean_average_precision(kept_probs, kept_labels.double())
+        agreement = mean_average_precision(torch.from_numpy(probs[:, kept.numpy()]), y.double())
     found = find_label_issues(
         given, probs, frac_noise=frac_noise, return_indices_ranked_by="self_confidence", **kind
     )
