@@ -18,6 +18,7 @@ from src.model.network import TransferNet
 from src.quality.findings import Findings, Images, audit_images
 from src.quality.hashes import hash_cache_file
 from src.quality.page import counts, write_pages
+from src.run.config import check_config
 from src.run.errors import UserError, exit_on_user_error
 from src.run.runtime import quiet_lightning, resolve_precision
 
@@ -36,42 +37,12 @@ def label_layers(model: TransferNet, label_features: str) -> tuple[str, ...]:
     return model.spec.stage_layers if label_features == "stages" else ()
 
 
-LIMITS = {  # audit setting: (whole number?, the least value allowed, or None: any above 0)
-    "folds": (True, 2),
-    "label_neighbours": (True, 1),
-    "neighbours": (True, 1),
-    "page_limit": (True, 0),
-    "l2": (False, None),
-    "frac_noise": (False, None),
-    "outlier_z": (False, None),
-}
-
-
-def check_numbers(settings: DictConfig) -> None:
-    """A UserError naming the first numeric `audit.` setting out of its range or not a number."""
-    for key, (whole, least) in LIMITS.items():
-        value = settings[key]
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        if whole:
-            fits = number and float(value).is_integer() and value >= least
-            wanted = f"a whole number >= {least}"
-        else:
-            fits = number and value > 0
-            wanted = "a number above 0"
-        if not fits:
-            raise UserError(
-                f"audit.{key}={value} is not {wanted}. Fix: audit.{key}=<{wanted}> "
-                "(conf/audit.yaml has the default)"
-            )
-
-
 def audited_images(
     cfg: DictConfig, data: Any, device: torch.device, bf16: bool
 ) -> tuple[Images, tuple[str, ...]]:
     """The images of `data` with what the audit reads from the feature cache (the pooled
     features; the stage layers' for the label issues), and those layers. A wrong
-    `audit.label_features` or number stops before any extraction."""
-    check_numbers(cfg.audit)
+    `audit.label_features` stops before any extraction."""
     backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
     model = TransferNet(backbone, data.classes, cfg.image_size)
     stages = label_layers(model, cfg.audit.label_features)
@@ -87,6 +58,7 @@ def audited_images(
 def audit(cfg: DictConfig) -> Findings:
     """Find label issues, copies (leaks first) and outliers in `cfg.data`; write the files."""
     quiet_lightning()
+    check_config(cfg)
     data = instantiate(cfg.data)
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg.precision, "gpu" if device.type == "cuda" else "cpu")

@@ -262,16 +262,21 @@ def test_audit_of_a_multilabel_table_lists_labels_by_name(tmp_path, one_thread):
 @pytest.mark.parametrize(
     "override, wanted",
     [
-        ("audit.frac_noise=abc", "a number above 0"),
-        ("audit.l2=-1", "a number above 0"),
-        ("audit.folds=1", "a whole number >= 2"),
-        ("audit.label_neighbours=2.5", "a whole number >= 1"),
+        ("audit.frac_noise=abc", "a number above 0. Fix: e.g. audit.frac_noise=1.25"),
+        ("audit.l2=-1", "a number above 0. Fix: e.g. audit.l2=0.3"),
+        ("audit.folds=1", "a whole number, at least 2. Fix: e.g. audit.folds=5"),
+        (
+            "audit.label_neighbours=2.5",
+            "a whole number, at least 1. Fix: e.g. audit.label_neighbours=10",
+        ),
     ],
 )
 def test_a_bad_audit_number_is_one_line_before_any_extraction(tmp_path, override, wanted):
     root = smooth_folder(tmp_path / "data")
     cfg = audit_cfg(tmp_path, ["data=imagefolder", f"data.root={root}", override])
-    with pytest.raises(UserError, match=rf"^{re.escape(override)} is not {wanted}\. Fix: "):
+    with pytest.raises(
+        UserError, match=rf"^{re.escape(f'{override} is invalid: it must be {wanted}')}$"
+    ):
         audit(cfg)
     assert not (tmp_path / "cache").exists()
 

@@ -94,6 +94,13 @@ RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
         "null or a whole number, at least 1",
         "20000",
     ),
+    "audit.folds": (whole(2), "a whole number, at least 2", "5"),
+    "audit.l2": (lambda v: number(v) and v > 0, "a number above 0", "0.3"),
+    "audit.label_neighbours": (whole(1), "a whole number, at least 1", "10"),
+    "audit.frac_noise": (lambda v: number(v) and v > 0, "a number above 0", "1.25"),
+    "audit.neighbours": (whole(1), "a whole number, at least 1", "5"),
+    "audit.outlier_z": (lambda v: number(v) and v > 0, "a number above 0", "5.0"),
+    "audit.page_limit": (whole(0), "a whole number, at least 0", "200"),
 }
 
 
